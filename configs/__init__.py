@@ -1,0 +1,1 @@
+"""Experiment configs: one file per dataset over a shared base."""
