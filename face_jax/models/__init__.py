@@ -1,0 +1,1 @@
+"""Models: CF backbones and the FACE module."""
