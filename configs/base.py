@@ -22,7 +22,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # split by face_jax) or "rlmrec" (a folder of trn/val/tst_mat.pkl).
   config.data.source = "movielens"
   # Dataset folder. For "rlmrec" it is required; for "movielens" an optional
-  # local copy of ml-100k (u.data, u.item, u.user).
+  # local copy of ml-100k (u.data, u.item, u.user, or RecBole's
+  # ml-100k.inter/.item/.user); empty means cache, then download.
   config.data.dir = ""
   # Folder that caches downloads and prepared splits.
   config.data.cache_dir = "~/.cache/face_jax"
