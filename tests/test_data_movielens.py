@@ -368,3 +368,16 @@ def test_a_failing_pip_is_reported(tmp_path, monkeypatch):
   )
   with pytest.raises(OSError, match="No matching distribution"):
     movielens._fetch_recbole_wheel(str(tmp_path))
+
+
+def test_a_cache_filled_concurrently_is_used(tmp_path, tiny_counts):
+  cache = tmp_path / "cache"
+
+  def racing(destination):
+    _write(pathlib.Path(destination), _atomic_files())
+    # Another process finishes first and publishes its own copy.
+    _write(cache / "ml-100k", _grouplens_files())
+
+  folder = movielens.locate_raw("", str(cache), [("slow", racing)])
+  assert sorted(os.listdir(folder)) == sorted(_grouplens_files())
+  assert os.listdir(cache) == ["ml-100k"]

@@ -181,6 +181,31 @@ def test_user_texts_use_train_items_only(tmp_path):
   assert checked > 0
 
 
+def test_integer_ids_are_numbered_in_numeric_order(tmp_path):
+  rows = [
+    {"user": user, "item": item}
+    for user, item in [(10, 2), (9, 10), (-1, 2), (10, 10), (9, 1)]
+  ]
+  options = _options(
+    tmp_path,
+    interactions=_write_csv(tmp_path / "n.csv", rows, ("user", "item")),
+    item_meta="",
+  )
+  prepare(options)
+  out = tmp_path / "out"
+  assert json.loads((out / "user_ids.json").read_text()) == ["-1", "9", "10"]
+  assert json.loads((out / "item_ids.json").read_text()) == ["1", "2", "10"]
+  data = load_rlmrec(out, "mine")
+  merged = np.concatenate([data.train, data.valid, data.test])
+  assert set(map(tuple, merged.tolist())) == {
+    (2, 1),
+    (1, 2),
+    (0, 1),
+    (2, 2),
+    (1, 0),
+  }
+
+
 def test_repeated_pairs_keep_the_earliest_time(tmp_path):
   rows = [
     {"user": "u", "item": item, "timestamp": t}
@@ -235,6 +260,12 @@ def test_bad_inputs_are_refused_and_leave_nothing(tmp_path):
   )
   _assert_refused(tmp_path, "no 'sku' key", meta_id_key="sku")
   _assert_refused(tmp_path, "cannot tell the format", interactions=__file__)
+  binary = tmp_path / "binary.csv"
+  binary.write_bytes(b"user,item\n\xff\xfe,\x00\n")
+  _assert_refused(tmp_path, "unreadable as csv", interactions=str(binary))
+  not_gzip = tmp_path / "plays.csv.gz"
+  not_gzip.write_text("user,item\na,b\n")
+  _assert_refused(tmp_path, "unreadable as csv", interactions=str(not_gzip))
 
 
 def test_missing_metadata_warns_by_default(tmp_path, caplog):

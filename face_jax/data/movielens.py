@@ -422,6 +422,16 @@ def check_counts(raw: RawMovieLens, source: str) -> None:
     )
 
 
+def _publish(staging: str, cached: str) -> None:
+  """Renames the finished download into the cache in one step."""
+  try:
+    os.rename(staging, cached)
+  except OSError:
+    # Another process may have filled the cache meanwhile; use its copy.
+    if find_layout(cached) is None:
+      raise
+
+
 def locate_raw(
   directory: str,
   cache_dir: str,
@@ -460,7 +470,7 @@ def locate_raw(
       fetch(staging)
       check_counts(read_raw(staging), description)
       os.chmod(staging, 0o755)  # mkdtemp makes it private
-      os.rename(staging, cached)
+      _publish(staging, cached)
       logging.info("movielens: cached %s in %s", description, cached)
       return cached
     except (*_FETCH_ERRORS, DataError) as error:

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -174,6 +175,16 @@ def _time_value(value, where: str) -> float:
 
 def _rows(path: str, input_format: str) -> Iterator[tuple[str, dict]]:
   """Yields (location for messages, row dict) for every data row."""
+  try:
+    yield from _parse_rows(path, input_format)
+  except (UnicodeDecodeError, gzip.BadGzipFile, csv.Error, EOFError) as error:
+    raise DataError(
+      f"{path}: unreadable as {input_format} ({type(error).__name__}: "
+      f"{error}); give UTF-8 text, optionally gzipped."
+    ) from error
+
+
+def _parse_rows(path: str, input_format: str) -> Iterator[tuple[str, dict]]:
   with _open_text(path) as file:
     if input_format == "jsonl":
       for number, line in enumerate(file, start=1):
@@ -253,7 +264,7 @@ def dense_ids(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     (distinct ids in dense order, [n] dense index of each input id).
   """
   unique, inverse = np.unique(np.asarray(ids, dtype=str), return_inverse=True)
-  if all(text.lstrip("-").isdigit() for text in unique):
+  if all(re.fullmatch(r"-?[0-9]+", text) for text in unique):
     order = np.argsort([int(text) for text in unique], kind="stable")
   else:
     order = np.arange(len(unique))
