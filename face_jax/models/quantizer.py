@@ -1,0 +1,259 @@
+"""Greedy distinct-token vector quantisation against a large codebook.
+
+Each entity has W words; word 1 takes its nearest codebook row (squared
+Euclidean distance), word 2 the nearest among the rows not taken yet, and so
+on in word order, so the W tokens of an entity are distinct.
+
+The search never forms the full [entities * W, vocabulary] distance matrix.
+A word can lose at most W - 1 tokens to the words before it, so its W nearest
+rows always contain its greedy choice. `top_w_candidates` finds those W
+candidates with a scan over vocabulary chunks that keeps a running top-W,
+and `greedy_distinct` runs the greedy pass on the [entities, W, W]
+candidates. Memory is O(n * W * W) plus an [n * W, chunk] transient.
+
+The two stages are separate so that a vocabulary-sharded codebook can be
+searched shard by shard (`top_w_candidates` with the shard's
+`index_offset`), the per-shard lists concatenated and reduced by
+`merge_top_w`, and only then handed to `greedy_distinct`.
+
+Ties: at every stage, among equal distances the lowest codebook index wins
+(the same rule as an argmin over the full row).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Weights of the codebook term and the commitment term of the VQ loss.
+CODEBOOK_WEIGHT = 0.75
+COMMITMENT_WEIGHT = 0.25
+
+# Index given to padding rows and empty candidate slots; it sorts after any
+# real codebook index, and their distance is +inf.
+_NO_INDEX = jnp.iinfo(jnp.int32).max
+
+
+class QuantizerError(ValueError):
+  """Shapes or sizes that the quantiser cannot work with."""
+
+
+def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
+  """||z - c||^2 expanded as ||z||^2 - 2 z.c + ||c||^2.
+
+  The expansion can be slightly negative or unequal for equal true distances
+  through float rounding; integer-valued inputs are exact.
+
+  Args:
+    z: [m, h] query vectors.
+    codebook: [v, h] codebook rows.
+
+  Returns:
+    [m, v] squared distances.
+  """
+  z_sq = jnp.sum(z * z, axis=-1, keepdims=True)
+  code_sq = jnp.sum(codebook * codebook, axis=-1)
+  return z_sq - 2.0 * (z @ codebook.T) + code_sq
+
+
+def merge_top_w(
+  distances: jax.Array, indices: jax.Array, w: int
+) -> tuple[jax.Array, jax.Array]:
+  """The w best of several candidate lists, in (distance, index) order.
+
+  Args:
+    distances: [m, k] candidate distances, the lists of any number of
+      chunks or shards concatenated along the last axis, in any order.
+    indices: [m, k] int32 codebook indices of those candidates (global
+      indices when the lists come from different shards).
+    w: how many to keep; at most k.
+
+  Returns:
+    (distances [m, w], indices [m, w]) sorted by distance, then by index.
+  """
+  if w > distances.shape[-1]:
+    raise QuantizerError(
+      f"merge_top_w keeps w={w} of only {distances.shape[-1]} candidates; "
+      "pass at least w candidates per row."
+    )
+  distances, indices = lax.sort(
+    (distances, indices.astype(jnp.int32)), dimension=-1, num_keys=2
+  )
+  return distances[..., :w], indices[..., :w]
+
+
+def top_w_candidates(
+  z: jax.Array,
+  codebook: jax.Array,
+  w: int,
+  chunk: int,
+  index_offset: int | jax.Array = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """The w nearest codebook rows of each query, scanning vocabulary chunks.
+
+  No gradient flows through the search; gather rows by the returned indices
+  to differentiate.
+
+  Args:
+    z: [m, h] queries (m = entities * W words).
+    codebook: [v, h] codebook rows (one shard of it, or all of it).
+    w: candidates kept per query (W for the greedy pass).
+    chunk: codebook rows compared per scan step; it need not divide v.
+    index_offset: added to the returned indices, the position of this
+      shard's first row in the whole codebook.
+
+  Returns:
+    (distances [m, w], indices [m, w] int32) sorted by distance, then
+    index. When v < w the tail holds +inf distances and index 2**31 - 1.
+  """
+  if chunk < 1 or w < 1:
+    raise QuantizerError(
+      f"Got chunk={chunk}, w={w}; both must be positive integers."
+    )
+  if z.shape[-1] != codebook.shape[-1]:
+    raise QuantizerError(
+      f"Query width {z.shape[-1]} differs from codebook width "
+      f"{codebook.shape[-1]}; map the codebook to the word size first."
+    )
+  z = lax.stop_gradient(z)
+  codebook = lax.stop_gradient(codebook)
+  vocab = codebook.shape[0]
+  num_chunks = -(-vocab // chunk)
+  padded = jnp.pad(codebook, ((0, num_chunks * chunk - vocab), (0, 0)))
+  chunks = padded.reshape(num_chunks, chunk, codebook.shape[-1])
+  starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+  keep = min(w, chunk)
+
+  def step(best, xs):
+    rows, start = xs
+    positions = start + jnp.arange(chunk, dtype=jnp.int32)
+    is_row = positions < vocab
+    dist = jnp.where(is_row, squared_distances(z, rows), jnp.inf)
+    # top_k puts the lower position first among equal values, so the
+    # chunk's list is already in (distance, index) order.
+    neg_dist, local = lax.top_k(-dist, keep)
+    found = jnp.where(is_row, positions, _NO_INDEX)[local]
+    merged = merge_top_w(
+      jnp.concatenate([best[0], -neg_dist], axis=-1),
+      jnp.concatenate([best[1], found], axis=-1),
+      w,
+    )
+    return merged, None
+
+  m = z.shape[0]
+  empty = (
+    jnp.full((m, w), jnp.inf, z.dtype),
+    jnp.full((m, w), _NO_INDEX, jnp.int32),
+  )
+  (distances, indices), _ = lax.scan(step, empty, (chunks, starts))
+  real = indices != _NO_INDEX
+  indices = jnp.where(real, indices + index_offset, _NO_INDEX)
+  return distances, indices.astype(jnp.int32)
+
+
+def greedy_distinct(
+  candidate_dist: jax.Array, candidate_idx: jax.Array
+) -> jax.Array:
+  """Distinct tokens per entity, chosen word by word from candidates.
+
+  Word k takes the candidate with the smallest distance (lowest index among
+  equals) that no earlier word of the same entity took. With each word's
+  W nearest rows as candidates this equals the greedy over the whole
+  codebook, since earlier words can take at most W - 1 of them.
+
+  Args:
+    candidate_dist: [n, W, w] distances of each word's candidates, w >= W.
+    candidate_idx: [n, W, w] int32 codebook indices of those candidates.
+
+  Returns:
+    [n, W] int32 token indices, distinct within each entity.
+  """
+  _, num_words, w = candidate_idx.shape
+  if w < num_words:
+    raise QuantizerError(
+      f"Each of the {num_words} words has only {w} candidates; the greedy "
+      f"pass needs at least {num_words} (call top_w_candidates with "
+      f"w={num_words})."
+    )
+  candidate_idx = candidate_idx.astype(jnp.int32)
+
+  def step(chosen, word):
+    dist, idx = candidate_dist[:, word], candidate_idx[:, word]
+    taken = jnp.any(idx[:, :, None] == chosen[:, None, :], axis=-1)
+    dist = jnp.where(taken, jnp.inf, dist)
+    best = jnp.min(dist, axis=-1, keepdims=True)
+    eligible = jnp.logical_and(~taken, dist == best)
+    pick = jnp.min(jnp.where(eligible, idx, _NO_INDEX), axis=-1)
+    return chosen.at[:, word].set(pick), None
+
+  # -1 marks words not chosen yet; it never equals a codebook index.
+  start = jnp.full(candidate_idx.shape[:2], -1, jnp.int32)
+  chosen, _ = lax.scan(step, start, jnp.arange(num_words))
+  return chosen
+
+
+class Quantized(NamedTuple):
+  """Result of `quantize`.
+
+  Attributes:
+    z_q: [n, W, h] the chosen codebook rows; gradients reach the codebook.
+    z_q_st: [n, W, h] straight-through output: the value of z_q, the
+      gradient of z_e.
+    token_index: [n, W] int32 indices into the codebook.
+    vq_loss: scalar, `vq_loss(z_e, z_q)`.
+  """
+
+  z_q: jax.Array
+  z_q_st: jax.Array
+  token_index: jax.Array
+  vq_loss: jax.Array
+
+
+def vq_loss(z_e: jax.Array, z_q: jax.Array) -> jax.Array:
+  """0.75 * mean((z_q - sg(z_e))^2) + 0.25 * mean((z_e - sg(z_q))^2).
+
+  The first term moves the codebook towards the encoder outputs, the second
+  commits the encoder to its tokens.
+
+  Args:
+    z_e: [..., h] encoder outputs.
+    z_q: [..., h] the codebook rows chosen for them.
+
+  Returns:
+    Scalar loss.
+  """
+  codebook_term = jnp.mean((z_q - lax.stop_gradient(z_e)) ** 2)
+  commitment_term = jnp.mean((z_e - lax.stop_gradient(z_q)) ** 2)
+  return CODEBOOK_WEIGHT * codebook_term + COMMITMENT_WEIGHT * commitment_term
+
+
+def quantize(z_e: jax.Array, codebook: jax.Array, chunk: int) -> Quantized:
+  """Greedy distinct-token quantisation with a straight-through estimator.
+
+  Args:
+    z_e: [n, W, h] encoder outputs, W words per entity.
+    codebook: [v, h] mapped codebook, v >= W.
+    chunk: codebook rows compared per scan step of the search.
+
+  Returns:
+    A `Quantized`.
+  """
+  n, num_words, width = z_e.shape
+  if codebook.shape[0] < num_words:
+    raise QuantizerError(
+      f"The codebook has {codebook.shape[0]} rows but each entity needs "
+      f"{num_words} distinct tokens; use a larger vocabulary or fewer words."
+    )
+  dist, idx = top_w_candidates(
+    z_e.reshape(n * num_words, width), codebook, num_words, chunk
+  )
+  token_index = greedy_distinct(
+    dist.reshape(n, num_words, num_words),
+    idx.reshape(n, num_words, num_words),
+  )
+  z_q = codebook[token_index]
+  z_q_st = z_e + lax.stop_gradient(z_q - z_e)
+  return Quantized(z_q, z_q_st, token_index, vq_loss(z_e, z_q))
