@@ -1,0 +1,220 @@
+"""Sparse propagation over the normalised graph, with two kernels.
+
+- "segment_sum": gather the neighbour rows, scale, and `jax.ops.segment_sum`
+  them into their (sorted) rows. Portable, the form XLA shards and the fast
+  one on TPU.
+- "csr": `jax.experimental.sparse` BCSR products, which lower to a
+  multithreaded CSR kernel on CPU (about 8x faster than segment_sum on
+  Amazon-book) and to cuSPARSE on GPU.
+
+Both are linear maps with custom VJPs: the cotangent is propagated with the
+transposed operator (A^T, which differs from A after edge dropout) in the
+same kernel, instead of the transpose JAX would derive (a scatter-add over
+unsorted indices for segment_sum, a BCOO fallback for BCSR).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import sparse
+
+from face_jax.graph.adjacency import PATHS, Block, Operator
+
+# Values of config.model.propagation.
+PROPAGATION_OPTIONS = ("auto", *PATHS)
+
+
+def resolve_path(name: str, backend: str | None = None) -> str:
+  """Resolves a config.model.propagation value to a kernel.
+
+  Args:
+    name: "auto", "segment_sum" or "csr".
+    backend: platform to decide "auto" for; `jax.default_backend()` when
+      None.
+
+  Returns:
+    "segment_sum" or "csr". "auto" gives "csr" on CPU and GPU, where
+    sparse kernels exist, and "segment_sum" elsewhere (TPU).
+
+  Raises:
+    ValueError: `name` is not one of `PROPAGATION_OPTIONS`.
+  """
+  if name not in PROPAGATION_OPTIONS:
+    raise ValueError(
+      f"Unknown propagation {name!r}; set config.model.propagation to one "
+      f"of {list(PROPAGATION_OPTIONS)}."
+    )
+  if name != "auto":
+    return name
+  backend = backend or jax.default_backend()
+  return "csr" if backend in ("cpu", "gpu", "cuda", "rocm") else "segment_sum"
+
+
+def _num_rows(block: Block) -> int:
+  return block.indptr.shape[0] - 1
+
+
+def spmm(block: Block, x: jax.Array, path: str) -> jax.Array:
+  """Multiplies one CSR block by dense rows.
+
+  Args:
+    block: [rows, cols] sparse block.
+    x: [cols, d] dense rows.
+    path: "segment_sum" or "csr".
+
+  Returns:
+    [rows, d] product.
+  """
+  num_rows = _num_rows(block)
+  if path == "csr":
+    matrix = sparse.BCSR(
+      (block.values, block.indices, block.indptr),
+      shape=(num_rows, x.shape[0]),
+    )
+    return matrix @ x
+  messages = block.values[:, None] * x[block.indices]
+  return jax.ops.segment_sum(
+    messages, block.rows, num_segments=num_rows, indices_are_sorted=True
+  )
+
+
+def _apply(
+  op: Operator, users: jax.Array, items: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  return spmm(op.user_rows, items, op.path), spmm(op.item_rows, users, op.path)
+
+
+@jax.custom_vjp
+def propagate(
+  op: Operator, users: jax.Array, items: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """One layer: (users, items) -> A (users, items).
+
+  Users receive their items' rows and items their users' rows. The operator
+  is a constant: no gradient flows into its values.
+
+  Args:
+    op: the (possibly dropped) normalised adjacency.
+    users: [num_users, d] user rows.
+    items: [num_items, d] item rows.
+
+  Returns:
+    ([num_users, d], [num_items, d]) propagated rows.
+  """
+  return _apply(op, users, items)
+
+
+def _propagate_fwd(op, users, items):
+  return _apply(op, users, items), op
+
+
+def _propagate_bwd(op, cotangents):
+  user_cotangent, item_cotangent = cotangents
+  users, items = _apply(op.transpose(), user_cotangent, item_cotangent)
+  return None, users, items
+
+
+propagate.defvjp(_propagate_fwd, _propagate_bwd)
+
+
+def layers(
+  op: Operator, users: jax.Array, items: jax.Array, num_layers: int
+) -> list[tuple[jax.Array, jax.Array]]:
+  """The layer-0..L embeddings of plain propagation.
+
+  Returns:
+    num_layers + 1 pairs ([num_users, d], [num_items, d]); entry 0 is the
+    input.
+  """
+  outputs = [(users, items)]
+  for _ in range(num_layers):
+    outputs.append(propagate(op, *outputs[-1]))
+  return outputs
+
+
+def layer_sum(
+  op: Operator, users: jax.Array, items: jax.Array, num_layers: int
+) -> tuple[jax.Array, jax.Array]:
+  """Sum of the layer-0..L embeddings of all users and items."""
+  outputs = layers(op, users, items, num_layers)
+  return (
+    sum(user_rows for user_rows, _ in outputs),
+    sum(item_rows for _, item_rows in outputs),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_sum_rows(
+  op: Operator,
+  users: jax.Array,
+  items: jax.Array,
+  num_layers: int,
+  user_ids: jax.Array,
+  item_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Sum of the layer-0..L embeddings, at some rows only.
+
+  Equals `layer_sum` gathered at the ids, but never materialises the sums of
+  full tables, and its backward pass is the transposed series evaluated
+  Horner-style: h <- A^T h + S^T c, L times, where S^T c scatters the
+  cotangents into their rows in place. A training step of LightGCN is then
+  2L sparse products plus a few small gathers and scatters.
+
+  Args:
+    op: the (possibly dropped) normalised adjacency.
+    users: [num_users, d] layer-0 user rows.
+    items: [num_items, d] layer-0 item rows.
+    num_layers: L, static.
+    user_ids: [m] int user rows to return (repeats allowed).
+    item_ids: [n] int item rows to return.
+
+  Returns:
+    ([m, d], [n, d]) summed embeddings at the ids.
+  """
+  return _sum_rows(op, users, items, num_layers, user_ids, item_ids)
+
+
+def _sum_rows(op, users, items, num_layers, user_ids, item_ids):
+  user_sum, item_sum = users[user_ids], items[item_ids]
+  for _ in range(num_layers):
+    users, items = _apply(op, users, items)
+    user_sum += users[user_ids]
+    item_sum += items[item_ids]
+  return user_sum, item_sum
+
+
+def _layer_sum_rows_fwd(op, users, items, num_layers, user_ids, item_ids):
+  outputs = _sum_rows(op, users, items, num_layers, user_ids, item_ids)
+  return outputs, (op, user_ids, item_ids)
+
+
+def _layer_sum_rows_bwd(num_layers, residuals, cotangents):
+  op, user_ids, item_ids = residuals
+  user_cotangent, item_cotangent = cotangents
+  transposed = op.transpose()
+  # h <- S^T c, then L times h <- A^T h + S^T c; the scatters are in place.
+  users = (
+    jnp.zeros(
+      (_num_rows(op.user_rows), user_cotangent.shape[1]), user_cotangent.dtype
+    )
+    .at[user_ids]
+    .add(user_cotangent)
+  )
+  items = (
+    jnp.zeros(
+      (_num_rows(op.item_rows), item_cotangent.shape[1]), item_cotangent.dtype
+    )
+    .at[item_ids]
+    .add(item_cotangent)
+  )
+  for _ in range(num_layers):
+    users, items = _apply(transposed, users, items)
+    users = users.at[user_ids].add(user_cotangent)
+    items = items.at[item_ids].add(item_cotangent)
+  return None, users, items, None, None
+
+
+layer_sum_rows.defvjp(_layer_sum_rows_fwd, _layer_sum_rows_bwd)
