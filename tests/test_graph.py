@@ -183,6 +183,23 @@ def test_layer_sum_rows_matches_full_layer_sum(path):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", graph_lib.PATHS)
+def test_spmm_rows_selects_rows_of_the_product(path):
+  graph = _graph(path)
+  op = graph_lib.masked_operator(graph, *_masks(graph.num_edges, seed=8))
+  matrix = _reference_matrix(_pairs(), *_masks(graph.num_edges, seed=8))
+  _, items = _tables()
+  # Repeats, the isolated user 8 (an empty row) and unsorted order.
+  user_ids = jnp.array([5, 8, 0, 5, 2])
+  rows = jax.jit(graph_lib.spmm_rows, static_argnums=3)(
+    op.user_rows, user_ids, items, path
+  )
+  expected = matrix[:NUM_USERS, NUM_USERS:] @ items
+  np.testing.assert_allclose(
+    rows, expected[np.asarray(user_ids)], rtol=1e-5, atol=1e-6
+  )
+
+
 def test_dropped_operator_drops_both_directions_independently():
   graph = _graph("segment_sum", seed=3)
   rng = jax.random.key(0)

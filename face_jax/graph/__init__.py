@@ -19,6 +19,7 @@ from face_jax.graph.propagation import (
   propagate,
   resolve_path,
   spmm,
+  spmm_rows,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
   "propagate",
   "resolve_path",
   "spmm",
+  "spmm_rows",
 ]

@@ -38,12 +38,14 @@ class Block:
       path; None when only the CSR path will read the block.
     values: [nnz] float32 weight of each entry. Entries past indptr[-1]
       (left by compaction) are never read.
+    max_degree: an upper bound on the entries of any row, static.
   """
 
   indptr: jax.Array
   indices: jax.Array
   rows: jax.Array | None
   values: jax.Array
+  max_degree: int = struct.field(pytree_node=False)
 
 
 @struct.dataclass
@@ -177,6 +179,7 @@ def build_graph(
       indices=jnp.asarray(indices, jnp.int32),
       rows=jnp.asarray(rows, jnp.int32),
       values=jnp.asarray(values, jnp.float32),
+      max_degree=int(np.diff(indptr).max(initial=0)),
     )
 
   return Graph(
@@ -286,4 +289,5 @@ def _compact(block: Block, keep: jax.Array) -> Block:
     indices=move(block.indices),
     rows=None,
     values=move(block.values),
+    max_degree=block.max_degree,
   )

@@ -81,6 +81,48 @@ def spmm(block: Block, x: jax.Array, path: str) -> jax.Array:
   )
 
 
+def spmm_rows(
+  block: Block, row_ids: jax.Array, x: jax.Array, path: str
+) -> jax.Array:
+  """Some rows of a block times dense rows: (block @ x)[row_ids].
+
+  On the CSR path only the selected rows' entries are visited: they are
+  gathered into a small CSR matrix whose static capacity is
+  len(row_ids) * block.max_degree (the kernel reads only the filled part).
+  The segment_sum path has no such saving and computes the full product.
+
+  Args:
+    block: [rows, cols] sparse block.
+    row_ids: [m] int rows to compute; repeats allowed.
+    x: [cols, d] dense rows.
+    path: "segment_sum" or "csr".
+
+  Returns:
+    [m, d] product rows.
+  """
+  num_ids = row_ids.shape[0]
+  capacity = num_ids * block.max_degree
+  if path != "csr" or capacity == 0:
+    return spmm(block, x, path)[row_ids]
+  starts = block.indptr[row_ids]
+  ends = jnp.cumsum(block.indptr[row_ids + 1] - starts)
+  indptr = jnp.concatenate([jnp.zeros(1, ends.dtype), ends])
+  # Slot s belongs to the number of selected rows that end at or before it.
+  marks = jnp.zeros(capacity + 1, jnp.int32).at[ends].add(1, mode="drop")
+  owner = jnp.minimum(jnp.cumsum(marks)[:-1], num_ids - 1)
+  slots = jnp.arange(capacity, dtype=ends.dtype)
+  filled = slots < ends[-1]
+  entries = jnp.where(filled, starts[owner] + slots - indptr[owner], 0)
+  selected = Block(
+    indptr=indptr,
+    indices=jnp.where(filled, block.indices[entries], 0),
+    rows=None,
+    values=jnp.where(filled, block.values[entries], 0.0),
+    max_degree=block.max_degree,
+  )
+  return spmm(selected, x, path)
+
+
 def _apply(
   op: Operator, users: jax.Array, items: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -158,10 +200,11 @@ def layer_sum_rows(
   """Sum of the layer-0..L embeddings, at some rows only.
 
   Equals `layer_sum` gathered at the ids, but never materialises the sums of
-  full tables, and its backward pass is the transposed series evaluated
-  Horner-style: h <- A^T h + S^T c, L times, where S^T c scatters the
-  cotangents into their rows in place. A training step of LightGCN is then
-  2L sparse products plus a few small gathers and scatters.
+  full tables, computes the last layer at the ids only (`spmm_rows`), and
+  its backward pass is the transposed series evaluated Horner-style:
+  h <- A^T h + S^T c, L times, where S^T c scatters the cotangents into
+  their rows in place. A training step of LightGCN is then 2L - 1 full
+  sparse products plus small gathers and scatters.
 
   Args:
     op: the (possibly dropped) normalised adjacency.
@@ -179,10 +222,14 @@ def layer_sum_rows(
 
 def _sum_rows(op, users, items, num_layers, user_ids, item_ids):
   user_sum, item_sum = users[user_ids], items[item_ids]
-  for _ in range(num_layers):
+  for _ in range(num_layers - 1):
     users, items = _apply(op, users, items)
     user_sum += users[user_ids]
     item_sum += items[item_ids]
+  if num_layers > 0:
+    # The last layer is needed at the selected rows only.
+    user_sum += spmm_rows(op.user_rows, user_ids, items, op.path)
+    item_sum += spmm_rows(op.item_rows, item_ids, users, op.path)
   return user_sum, item_sum
 
 
