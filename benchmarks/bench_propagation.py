@@ -100,29 +100,33 @@ def load_train(data_dir: pathlib.Path) -> Dataset:
 
 
 def time_call(fn, args, runs):
-  """Median and minimum seconds of `runs` calls after a compile call."""
+  """Wall seconds (median, minimum) and median CPU seconds of `runs` calls.
+
+  One untimed call compiles first. CPU seconds (all threads of this process)
+  are less sensitive than wall time to other processes on a shared machine.
+  """
   jax.block_until_ready(fn(*args))
-  seconds = []
+  wall, cpu = [], []
   for _ in range(runs):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(*args))
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds), min(seconds)
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), min(wall), statistics.median(cpu)
 
 
 def time_steps(step, state_and_batches, runs):
   """Like `time_call` for a step that consumes and returns its state."""
   state, batches = state_and_batches
   state = jax.block_until_ready(step(*state, batches[0]))[:2]
-  seconds = []
+  wall, cpu = [], []
   for i in range(runs):
-    start = time.perf_counter()
-    out = jax.block_until_ready(
-      step(*state, batches[1 + i % (len(batches) - 1)])
-    )
-    seconds.append(time.perf_counter() - start)
-    state = out[:2]
-  return statistics.median(seconds), min(seconds)
+    batch = batches[1 + i % (len(batches) - 1)]
+    start, start_cpu = time.perf_counter(), time.process_time()
+    state = jax.block_until_ready(step(*state, batch))[:2]
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return statistics.median(wall), min(wall), statistics.median(cpu)
 
 
 def square_blocks(dataset):
@@ -325,8 +329,8 @@ def main(argv):
 
 def _timed(timer, fn, fn_args, runs):
   load_before = os.getloadavg()[0]
-  median, best = timer(fn, fn_args, runs)
-  return median, best, load_before, os.getloadavg()[0]
+  median, best, cpu = timer(fn, fn_args, runs)
+  return median, best, cpu, load_before, os.getloadavg()[0]
 
 
 def _machine():
@@ -347,7 +351,7 @@ def _machine():
 
 
 def _record(
-  measure, path, median, best, load_before, load_after, *, runs, dataset
+  measure, path, median, best, cpu, load_before, load_after, *, runs, dataset
 ):
   line = {
     "dataset": dataset.name,
@@ -356,6 +360,7 @@ def _record(
     "path": path,
     "seconds": round(median, 5),
     "min_seconds": round(best, 5),
+    "cpu_seconds": round(cpu, 5),
     "runs": runs,
     "dim": _DIM.value,
     "batch_size": _BATCH_SIZE.value,

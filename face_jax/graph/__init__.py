@@ -6,6 +6,7 @@ from face_jax.graph.adjacency import (
   Graph,
   Operator,
   build_graph,
+  compact,
   dropped_operator,
   full_operator,
   masked_operator,
@@ -18,6 +19,7 @@ from face_jax.graph.propagation import (
   layers,
   propagate,
   resolve_path,
+  restrict_columns,
   spmm,
   spmm_rows,
 )
@@ -29,6 +31,7 @@ __all__ = [
   "Graph",
   "Operator",
   "build_graph",
+  "compact",
   "dropped_operator",
   "full_operator",
   "layer_sum",
@@ -38,6 +41,7 @@ __all__ = [
   "normalized_matrix",
   "propagate",
   "resolve_path",
+  "restrict_columns",
   "spmm",
   "spmm_rows",
 ]

@@ -255,7 +255,7 @@ def masked_operator(
   # into user-row order, and vice versa.
   keep_user_t = keep_item[graph.user_from_item]
   keep_item_t = keep_user[graph.item_from_user]
-  mask = _compact if graph.path == "csr" else _zero_dropped
+  mask = compact if graph.path == "csr" else _zero_dropped
   return Operator(
     user_rows=mask(graph.user_rows, keep_user),
     item_rows=mask(graph.item_rows, keep_item),
@@ -269,25 +269,37 @@ def _zero_dropped(block: Block, keep: jax.Array) -> Block:
   return block.replace(values=jnp.where(keep, block.values, 0.0))
 
 
-def _compact(block: Block, keep: jax.Array) -> Block:
-  """Moves the kept entries to the front, keeping their CSR order.
+def compact(block: Block, keep: jax.Array) -> Block:
+  """Keeps some entries of a CSR block, moved to the front in CSR order.
 
   The arrays keep their static length; entries past the new indptr[-1] are
-  zeros that the CSR kernel never reads.
+  zeros that the CSR kernel never reads, so it skips the dropped work.
+
+  Args:
+    block: the block; its `rows` are not carried over.
+    keep: [nnz] bool, which stored entries to keep. Entries past the
+      block's indptr[-1] must not be kept.
+
+  Returns:
+    The compacted block.
   """
   kept_before = jnp.concatenate(
     [jnp.zeros(1, jnp.int32), jnp.cumsum(keep, dtype=jnp.int32)]
   )
-  # Dropped entries are sent out of range, where mode="drop" discards them.
-  target = jnp.where(keep, kept_before[:-1], keep.shape[0])
-
-  def move(values):
-    return jnp.zeros_like(values).at[target].set(values, mode="drop")
-
+  num_entries = keep.shape[0]
+  # source[j] = the entry that lands at position j; dropped entries are sent
+  # out of range, where mode="drop" discards them.
+  target = jnp.where(keep, kept_before[:-1], num_entries)
+  source = (
+    jnp.zeros(num_entries, jnp.int32)
+    .at[target]
+    .set(jnp.arange(num_entries, dtype=jnp.int32), mode="drop")
+  )
+  filled = jnp.arange(num_entries) < kept_before[-1]
   return Block(
     indptr=kept_before[block.indptr],
-    indices=move(block.indices),
+    indices=jnp.where(filled, block.indices[source], 0),
     rows=None,
-    values=move(block.values),
+    values=jnp.where(filled, block.values[source], 0.0),
     max_degree=block.max_degree,
   )

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import sparse
 
-from face_jax.graph.adjacency import PATHS, Block, Operator
+from face_jax.graph.adjacency import PATHS, Block, Operator, compact
 
 # Values of config.model.propagation.
 PROPAGATION_OPTIONS = ("auto", *PATHS)
@@ -123,6 +123,28 @@ def spmm_rows(
   return spmm(selected, x, path)
 
 
+def restrict_columns(
+  block: Block, column_ids: jax.Array, num_columns: int
+) -> Block:
+  """The block with only the entries whose column is among `column_ids`.
+
+  `restrict_columns(block, ids, n) @ x` equals `block @ x` when x is zero
+  outside the rows `ids`, and visits only those columns' entries. Only
+  for the CSR path (segment_sum does not skip entries).
+
+  Args:
+    block: [rows, num_columns] CSR block, possibly compacted.
+    column_ids: [m] int columns to keep; repeats allowed.
+    num_columns: number of columns of the block.
+
+  Returns:
+    The compacted block.
+  """
+  selected = jnp.zeros(num_columns, bool).at[column_ids].set(True)
+  stored = jnp.arange(block.indices.shape[0]) < block.indptr[-1]
+  return compact(block, selected[block.indices] & stored)
+
+
 def _apply(
   op: Operator, users: jax.Array, items: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -203,8 +225,9 @@ def layer_sum_rows(
   full tables, computes the last layer at the ids only (`spmm_rows`), and
   its backward pass is the transposed series evaluated Horner-style:
   h <- A^T h + S^T c, L times, where S^T c scatters the cotangents into
-  their rows in place. A training step of LightGCN is then 2L - 1 full
-  sparse products plus small gathers and scatters.
+  their rows in place; its first step reads only the selected rows
+  (`restrict_columns`). On the CSR path a training step of LightGCN is then
+  2L - 2 full sparse products plus small ones, gathers and scatters.
 
   Args:
     op: the (possibly dropped) normalised adjacency.
@@ -257,8 +280,19 @@ def _layer_sum_rows_bwd(num_layers, residuals, cotangents):
     .at[item_ids]
     .add(item_cotangent)
   )
-  for _ in range(num_layers):
-    users, items = _apply(transposed, users, items)
+  for layer in range(num_layers):
+    step = transposed
+    if layer == 0 and op.path == "csr":
+      # h is still zero outside the selected rows: skip the other columns.
+      step = transposed.replace(
+        user_rows=restrict_columns(
+          transposed.user_rows, item_ids, items.shape[0]
+        ),
+        item_rows=restrict_columns(
+          transposed.item_rows, user_ids, users.shape[0]
+        ),
+      )
+    users, items = _apply(step, users, items)
     users = users.at[user_ids].add(user_cotangent)
     items = items.at[item_ids].add(item_cotangent)
   return None, users, items, None, None
