@@ -105,7 +105,7 @@ def spmm_rows(
   if path != "csr" or capacity == 0:
     return spmm(block, x, path)[row_ids]
   starts = block.indptr[row_ids]
-  ends = jnp.cumsum(block.indptr[row_ids + 1] - starts)
+  ends = jnp.cumsum(block.indptr[row_ids + 1] - starts, dtype=jnp.int32)
   indptr = jnp.concatenate([jnp.zeros(1, ends.dtype), ends])
   # Slot s belongs to the number of selected rows that end at or before it.
   marks = jnp.zeros(capacity + 1, jnp.int32).at[ends].add(1, mode="drop")
