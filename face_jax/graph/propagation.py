@@ -74,7 +74,10 @@ def spmm(block: Block, x: jax.Array, path: str) -> jax.Array:
       (block.values, block.indices, block.indptr),
       shape=(num_rows, x.shape[0]),
     )
-    return matrix @ x
+    contract_columns = (([1], [0]), ([], []))
+    return sparse.bcsr_dot_general(
+      matrix, x, dimension_numbers=contract_columns
+    )
   messages = block.values[:, None] * x[block.indices]
   return jax.ops.segment_sum(
     messages, block.rows, num_segments=num_rows, indices_are_sorted=True
