@@ -21,21 +21,39 @@ def _mesh(shape):
 
 
 def _local_top_w(z, codebook, w, chunk, index_offset):
-  """A plain one-shard search with the quantiser's contract."""
-  del chunk  # The whole shard at once.
-  dist = (
-    jnp.sum(z * z, -1, keepdims=True)
-    - 2.0 * z @ codebook.T
-    + jnp.sum(codebook * codebook, -1)
+  """A one-shard search with the quantiser's contract: a scan over chunks
+  of rows keeping a running top-w, as a memory-bound search is written."""
+  rows = codebook.shape[0]
+  steps = -(-rows // chunk)
+  padded = jnp.pad(codebook, ((0, steps * chunk - rows), (0, 0)))
+
+  def step(best, start):
+    block = lax.dynamic_slice_in_dim(padded, start, chunk)
+    position = start + jnp.arange(chunk, dtype=jnp.int32)
+    dist = (
+      jnp.sum(z * z, -1, keepdims=True)
+      - 2.0 * z @ block.T
+      + jnp.sum(block * block, -1)
+    )
+    dist = jnp.where(position < rows, dist, jnp.inf)
+    index = jnp.where(position < rows, position, parallel.NO_INDEX)
+    index = jnp.broadcast_to(index, dist.shape)
+    merged = parallel.merge_candidates(
+      jnp.concatenate([best[0], dist], 1),
+      jnp.concatenate([best[1], index], 1),
+      w,
+    )
+    return merged, None
+
+  # A constant initial carry: inside shard_map it does not vary by shard.
+  empty = (
+    jnp.full((z.shape[0], w), jnp.inf),
+    jnp.full((z.shape[0], w), parallel.NO_INDEX, jnp.int32),
   )
-  keep = min(w, codebook.shape[0])
-  neg_dist, idx = lax.top_k(-dist, keep)  # lower index first among ties
-  dist, idx = -neg_dist, idx.astype(jnp.int32) + index_offset
-  missing = ((0, 0), (0, w - keep))
-  return (
-    jnp.pad(dist, missing, constant_values=jnp.inf),
-    jnp.pad(idx, missing, constant_values=parallel.NO_INDEX),
-  )
+  starts = jnp.arange(steps, dtype=jnp.int32) * chunk
+  (dist, index), _ = lax.scan(step, empty, starts)
+  real = index != parallel.NO_INDEX
+  return dist, jnp.where(real, index + index_offset, parallel.NO_INDEX)
 
 
 def _numpy_top_w(z, codebook, w):
