@@ -90,7 +90,13 @@ def test_tpu_pod_run_reaches_every_worker_with_its_flags(tmp_path):
 def test_slurm_gives_each_task_its_process_id(tmp_path):
   stubs = tmp_path / "bin"
   stubs.mkdir()
-  _stub(stubs, "scontrol", '#!/bin/bash\nprintf "gpu-07\\ngpu-08\\n"\n')
+  # Many names, so that a reader stopping after the first would break the
+  # pipe.
+  _stub(
+    stubs,
+    "scontrol",
+    '#!/bin/bash\nfor i in $(seq 7 5000); do echo "gpu-0$i"; done\n',
+  )
   # Runs the task command twice, as SLURM would on two nodes.
   _stub(
     stubs,
