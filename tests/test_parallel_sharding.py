@@ -204,3 +204,63 @@ def test_sharded_mf_step_equals_single_device(shape):
     want_params,
   )
   assert got_params["user"].sharding.spec == P("model", None)
+
+
+# Logical axes of frozen-LLM weights by flax parameter path (BERT and
+# decoder names), as a loader that places tensors one by one would use.
+LLM_AXES = (
+  (r"(word_embeddings|embed_tokens)/embedding", ("vocab", "embed")),
+  (r".*attention/(query|key|value)/kernel", ("embed", "heads")),
+  (r".*attention/(query|key|value)/bias", ("heads",)),
+  (r".*attention/out/kernel", ("heads", "embed")),
+  (r".*mlp_(gate|up|in)/kernel", ("embed", "mlp")),
+  (r".*mlp_(down|out)/kernel", ("mlp", "embed")),
+  (r".*", None),
+)
+
+
+@pytest.mark.parametrize(
+  ("path", "shape", "spec"),
+  [
+    ("embed_tokens/embedding", (64, 16), P("model", None)),
+    ("layers_3/attention/query/kernel", (16, 32), P(None, "model")),
+    ("layers_3/attention/key/bias", (8,), P("model")),
+    ("layers_3/attention/out/kernel", (32, 16), P("model", None)),
+    ("layers_0/mlp_gate/kernel", (16, 48), P(None, "model")),
+    ("layers_0/mlp_down/kernel", (48, 16), P("model", None)),
+    ("final_norm/scale", (16,), P()),
+    # 6 key features do not split 4 ways: replicated.
+    ("layers_0/attention/key/kernel", (16, 6), P(None, None)),
+  ],
+)
+def test_sharding_by_path_for_llm_weights(path, shape, spec):
+  sharding = parallel.sharding_by_path(_mesh((2, 4)), RULES, LLM_AXES)
+  assert sharding(path, shape).spec == spec
+
+
+def test_sharding_by_path_without_a_match_raises():
+  sharding = parallel.sharding_by_path(_mesh((2, 4)), RULES, LLM_AXES[:-1])
+  with pytest.raises(parallel.ShardingError, match="final_norm/scale"):
+    sharding("final_norm/scale", (16,))
+
+
+def test_padded_table_is_born_sharded():
+  # 11 users do not split over 4 model shards: draw the 11 real rows, pad
+  # to 12 inside the init, and the table is created already split.
+  mesh = _mesh((2, 4))
+  multiple = parallel.shard_count(mesh, RULES, "users")
+
+  def init(rng):
+    real = jax.nn.initializers.xavier_uniform()(rng, (11, 8))
+    return {"user": parallel.pad_rows_to(real, multiple)}
+
+  params = parallel.sharded_init(
+    init, jax.random.key(0), mesh, RULES, {"user": ("users", "embed")}
+  )
+  real = jax.jit(jax.nn.initializers.xavier_uniform(), static_argnums=1)(
+    jax.random.key(0), (11, 8)
+  )
+  assert params["user"].shape == (12, 8)
+  assert params["user"].sharding.spec == P("model", None)
+  np.testing.assert_array_equal(params["user"][:11], real)
+  np.testing.assert_array_equal(params["user"][11:], 0.0)

@@ -46,6 +46,7 @@ from face_jax.parallel.sharding import (
   logical_axes_by_path,
   shard_tree,
   sharded_init,
+  sharding_by_path,
   tree_shardings,
 )
 
@@ -78,6 +79,7 @@ __all__ = [
   "shard_tree",
   "sharded_init",
   "sharded_top_w",
+  "sharding_by_path",
   "tree_shardings",
   "use_mesh",
   "with_logical_constraint",

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from face_jax.parallel.mesh import ShardingError
 from face_jax.parallel.rules import (
@@ -51,15 +51,40 @@ def path_string(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-def logical_axes_by_path(
-  tree: PyTree, table: Sequence[tuple[str, LogicalAxes]]
-) -> PyTree:
+AxesTable = Sequence[tuple[str, LogicalAxes | None]]
+
+
+def _compile_table(table: AxesTable):
+  return [
+    (re.compile(pattern), None if axes is None else tuple(axes))
+    for pattern, axes in table
+  ]
+
+
+def _lookup(compiled, name: str, shape: Sequence[int]) -> LogicalAxes | None:
+  """The logical axes the first matching pattern gives the path `name`."""
+  for pattern, axes in compiled:
+    if pattern.fullmatch(name):
+      if axes is not None and len(axes) != len(shape):
+        raise ShardingError(
+          f"{name!r} has shape {tuple(shape)} but pattern "
+          f"{pattern.pattern!r} gives logical axes {axes}; give one name "
+          "per dimension."
+        )
+      return axes
+  raise ShardingError(
+    f"No logical-axes pattern matches {name!r} (shape {tuple(shape)}); "
+    "add one, or end the table with ('.*', None)."
+  )
+
+
+def logical_axes_by_path(tree: PyTree, table: AxesTable) -> PyTree:
   """Logical axes for each leaf of `tree`, looked up by its key path.
 
   Args:
     tree: arrays or `jax.ShapeDtypeStruct`s.
     table: (regular expression, logical axes) pairs; the first pattern
-      that matches the whole path ("params/user", "encoder/0/kernel")
+      that matches the whole path ("params/user", "layers_0/mlp_up/kernel")
       gives the leaf's axes (None: replicated). End with a (".*", None)
       entry to replicate everything not listed.
 
@@ -70,28 +95,39 @@ def logical_axes_by_path(
     ShardingError: for a leaf that no pattern matches, or axes whose
       count differs from the leaf's rank.
   """
-  compiled = [
-    (re.compile(pattern), None if axes is None else tuple(axes))
-    for pattern, axes in table
-  ]
+  compiled = _compile_table(table)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: _lookup(compiled, path_string(path), leaf.shape), tree
+  )
 
-  def lookup(path, leaf):
-    name = path_string(path)
-    for pattern, axes in compiled:
-      if pattern.fullmatch(name):
-        if axes is not None and len(axes) != len(leaf.shape):
-          raise ShardingError(
-            f"{name!r} has shape {tuple(leaf.shape)} but pattern "
-            f"{pattern.pattern!r} gives logical axes {axes}; give one name "
-            "per dimension."
-          )
-        return axes
-    raise ShardingError(
-      f"No logical-axes pattern matches {name!r} (shape "
-      f"{tuple(leaf.shape)}); add one, or end the table with ('.*', ...)."
-    )
 
-  return jax.tree_util.tree_map_with_path(lookup, tree)
+def sharding_by_path(
+  mesh: Mesh, rules: Rules, table: AxesTable
+) -> Callable[[str, Sequence[int]], NamedSharding]:
+  """A (path, shape) -> NamedSharding function from a path-pattern table.
+
+  For loaders that place tensors one by one as they read them (the frozen
+  LLM's safetensors), so that each device only ever receives its slice.
+
+  Args:
+    mesh: the device mesh.
+    rules: logical-to-mesh rules.
+    table: (regular expression, logical axes) pairs, as for
+      `logical_axes_by_path`; paths are "/"-joined ("layers_0/mlp_up/kernel").
+
+  Returns:
+    The function; it raises ShardingError for a path no pattern matches.
+  """
+  check_rules(rules, mesh)
+  compiled = _compile_table(table)
+
+  def sharding(path: str, shape: Sequence[int]) -> NamedSharding:
+    axes = _lookup(compiled, path, shape)
+    if axes is None:
+      return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
+
+  return sharding
 
 
 def _resolve(logical: LogicalTree, shapes: PyTree) -> PyTree:
@@ -127,7 +163,7 @@ def tree_shardings(
   shardings = [
     NamedSharding(
       mesh,
-      logical_to_spec((), rules)
+      PartitionSpec()
       if axes is None
       else logical_to_spec(axes, rules, mesh, leaf.shape),
     )
