@@ -96,4 +96,49 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Keep this many of the most frequent nouns and adjectives of the list.
   config.vocab.size = 20000
 
+  config.mesh = ml_collections.ConfigDict()
+  # Names of the device mesh axes: the batch is split over "data"; tables,
+  # the vocabulary and the frozen LLM's weights over "model" (see rules).
+  config.mesh.axes = ("data", "model")
+  # Size of each mesh axis; one -1 takes the devices left over. (1, -1)
+  # spreads the codebook and a 7B LLM over every device.
+  config.mesh.shape = (-1, 1)
+  # Logical axis -> mesh axis, a tuple of mesh axes, or None (replicated).
+  # A name may repeat: its rules are tried in order and the first whose
+  # axes are free and divide the dimension wins, else it is replicated.
+  config.mesh.rules = (
+    # Examples of a batch (users, triples, entities, profile texts).
+    ("batch", "data"),
+    # Rows of the user table.
+    ("users", "model"),
+    # Rows of the item table.
+    ("items", "model"),
+    # Rows of the LLM token table and of the codebook mapped from it.
+    ("vocab", "model"),
+    # Embedding widths: CF, FACE word and LLM hidden size.
+    ("embed", None),
+    # The FACE words of one entity.
+    ("words", None),
+    # Attention heads of the frozen LLM.
+    ("heads", "model"),
+    # Width of one attention head.
+    ("kv", None),
+    # Hidden units of the LLM's feed-forward layers.
+    ("mlp", "model"),
+    # Token positions of a text.
+    ("length", None),
+    # Stacked layers of the LLM.
+    ("layers", None),
+  )
+  # Join the processes of a multi-host job (TPU pod slice, GPU cluster)
+  # with jax.distributed.initialize before any device is used.
+  config.mesh.distributed = False
+  # "host:port" of process 0's coordinator; "" lets JAX detect it
+  # (Cloud TPU, SLURM, Open MPI, GKE).
+  config.mesh.coordinator_address = ""
+  # Number of processes in the job; 0 lets JAX detect it.
+  config.mesh.num_processes = 0
+  # Index of this process, 0 .. num_processes - 1; -1 lets JAX detect it.
+  config.mesh.process_id = -1
+
   return config
