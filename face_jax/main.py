@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 import configs
 from face_jax import train
+from face_jax.training import writer
 
 # The default config ships inside the installed `configs` package, so the
 # default works from any working directory.
@@ -35,6 +36,7 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  writer.quiet_checkpoint_logs()
   config = _CONFIG.value
   workdir = _WORKDIR.value or str(pathlib.Path("workdirs", config.data.name))
   results = train.train_and_evaluate(config, workdir)

@@ -15,8 +15,10 @@ from absl import flags
 
 import configs
 import face_jax.data
-from face_jax import main
+from face_jax import main, train
 from face_jax.data import Dataset
+from face_jax.evaluation import prepare_ranking
+from face_jax.training import pretrain as pretrain_stage
 
 
 def _synthetic_dataset(num_users=40, num_items=30, seed=0):
@@ -98,6 +100,17 @@ def test_main_trains_scores_and_skips_when_rerun(
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["epoch"] for line in lines[:2]] == [1, 2]
   assert "test" in json.loads(lines[-1])
+
+  # The best epoch's checkpoint reproduces the reported test metrics.
+  config = train.resolve_config(flags.FLAGS.config)
+  dataset = _synthetic_dataset()
+  backbone, graph, params = pretrain_stage.restore_pretrained(
+    config, dataset, workdir / "pretrain"
+  )
+  score = pretrain_stage.make_scorer(backbone, graph, (5, 10, 20))
+  rescored = score(params, prepare_ranking(dataset, "test", 8))
+  for name, value in pretrain["test"].items():
+    np.testing.assert_allclose(rescored[name], value, rtol=1e-6)
 
   checkpoints = sorted((workdir / "pretrain" / "checkpoints").iterdir())
   main.main(["face_jax.main"])

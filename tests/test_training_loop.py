@@ -180,6 +180,19 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     )
   # The restored state has the layout of a fresh one: no recompilation.
   assert train_step._cache_size() == 1
+  # A run that had already stopped only restores its best epoch.
+  epochs_run.clear()
+  again, _ = _fit_pretrain(
+    config,
+    dataset,
+    tmp_path / "split",
+    lambda loop: epochs_run.append(loop.epoch),
+  )
+  assert epochs_run == []
+  assert again.loop == resumed.loop
+  np.testing.assert_array_equal(
+    again.state.params["user"], resumed.state.params["user"]
+  )
 
 
 def test_finished_stage_is_skipped(tmp_path):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
+import re
 from collections.abc import Mapping
 
 import tensorboardX
+from absl import logging as absl_logging
 
 # Nested metrics of one epoch: {"train": {"loss": ...}, "valid": {...}}.
 Record = Mapping[str, Mapping[str, float]]
@@ -50,8 +53,19 @@ class MetricWriter:
     if self._summary is not None:
       for group, values in record.items():
         for name, value in values.items():
-          self._summary.add_scalar(f"{stage}/{group}/{name}", value, epoch)
+          # TensorBoard tags allow [A-Za-z0-9_./-]: recall@20 -> recall_20.
+          tag = re.sub(r"[^\w./-]", "_", f"{stage}/{group}/{name}")
+          self._summary.add_scalar(tag, value, epoch)
 
   def close(self) -> None:
     if self._summary is not None:
       self._summary.close()
+
+
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+  return record.levelno > logging.INFO or "orbax" not in record.pathname
+
+
+def quiet_checkpoint_logs() -> None:
+  """Drops orbax's INFO lines (a dozen per save) from the absl log."""
+  absl_logging.get_absl_handler().addFilter(_not_orbax_info)
