@@ -87,7 +87,8 @@ def test_train_step_compiles_once_and_early_stopping_restores_best(tmp_path):
     rng=jax.random.key(0),
     checkpoint_dir=tmp_path / "checkpoints",
     writer=writer,
-    options=_options(),
+    # Synchronous saves here; the other runs write in the background.
+    options=_options(async_save=False),
   )
   assert result.loop.epoch == 8
   assert result.loop.best_epoch == 5

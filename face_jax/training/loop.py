@@ -14,7 +14,7 @@ import dataclasses
 import math
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -129,6 +129,11 @@ def _train_epoch(
 ) -> tuple[TrainState, dict[str, float]]:
   """Runs one epoch of steps; returns the state and mean step metrics."""
   num_steps = len(next(iter(batches.values())))
+  if num_steps == 0:
+    raise ValueError(
+      f"{stage}: epoch {epoch} has no batches; the stage needs training "
+      "data (check the dataset's train split)."
+    )
   first_step = int(state.step)
   history: list[dict[str, float]] = []
   pending: list[dict[str, jax.Array]] = []
@@ -159,12 +164,83 @@ def _train_epoch(
   return state, _mean_metrics(history)
 
 
-def _log_epoch(stage, epoch, train_metrics, valid_metrics, seconds):
-  described = " ".join(
-    f"{name}={value:.4f}"
-    for name, value in {**train_metrics, **valid_metrics}.items()
-  )
-  logging.info("%s epoch %d (%.1f s): %s", stage, epoch, seconds, described)
+def _describe(metrics: Mapping[str, float]) -> str:
+  return " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
+
+
+def _improved(
+  metrics: Mapping[str, float], loop: LoopState, options: FitOptions
+) -> bool:
+  """Whether `metrics` beat the best epoch so far (ties do not)."""
+  if options.monitor not in metrics:
+    raise ValueError(
+      f"Validation reports {sorted(metrics)}, not the monitored "
+      f"{options.monitor!r}; set the stage's monitor to one of them."
+    )
+  if loop.best_epoch == 0:
+    return True
+  return metrics[options.monitor] > loop.best_metrics[options.monitor]
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpochRunner:
+  """Runs, validates, checkpoints and reports one epoch of a stage."""
+
+  stage: str
+  train_step: TrainStep
+  make_batches: Callable[[int], Mapping[str, np.ndarray]]
+  evaluate: Callable[[Any], dict[str, float]]
+  graph: Any
+  rng: jax.Array
+  checkpoints: EpochCheckpoints
+  writer: MetricWriter
+  options: FitOptions
+
+  def __call__(self, epoch: int, state: TrainState, loop: LoopState):
+    """Runs `epoch`, updating `loop` in place; returns the new state."""
+    start = time.perf_counter()
+    state, train_metrics = _train_epoch(
+      state,
+      self.train_step,
+      self.make_batches(epoch),
+      self.graph,
+      self.rng,
+      epoch,
+      self.stage,
+      self.options,
+    )
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    valid_metrics = self.evaluate(state.params)
+    eval_seconds = time.perf_counter() - start
+    improved = _improved(valid_metrics, loop, self.options)
+    loop.epoch = epoch
+    loop.epoch_seconds.append(seconds)
+    if improved:
+      loop.best_epoch, loop.best_metrics = epoch, valid_metrics
+      loop.bad_epochs = 0
+    else:
+      loop.bad_epochs += 1
+    self.checkpoints.save(epoch, state, dataclasses.asdict(loop), improved)
+    self.writer.write(
+      self.stage,
+      epoch,
+      {"train": train_metrics, "valid": valid_metrics},
+      seconds=seconds,
+      eval_seconds=eval_seconds,
+      improved=improved,
+    )
+    logging.info(
+      "%s epoch %d (%.1f s train, %.1f s valid): %s | valid %s%s",
+      self.stage,
+      epoch,
+      seconds,
+      eval_seconds,
+      _describe(train_metrics),
+      _describe(valid_metrics),
+      " (best)" if improved else "",
+    )
+    return state
 
 
 def fit(
@@ -204,9 +280,21 @@ def fit(
 
   Raises:
     NonFiniteLossError: a step's loss was NaN or infinite.
-    KeyError: `evaluate` did not report `options.monitor`.
+    ValueError: an epoch had no batches, or `evaluate` did not report
+      `options.monitor`.
   """
   checkpoints = EpochCheckpoints(checkpoint_dir, options.async_save)
+  run_epoch = _EpochRunner(
+    stage,
+    train_step,
+    make_batches,
+    evaluate,
+    graph,
+    rng,
+    checkpoints,
+    writer,
+    options,
+  )
   try:
     loop = LoopState()
     latest = checkpoints.latest_epoch()
@@ -220,42 +308,8 @@ def fit(
         loop.best_epoch,
         loop.bad_epochs,
       )
-    for epoch in _epochs(loop, options):
-      start = time.perf_counter()
-      state, train_metrics = _train_epoch(
-        state,
-        train_step,
-        make_batches(epoch),
-        graph,
-        rng,
-        epoch,
-        stage,
-        options,
-      )
-      seconds = time.perf_counter() - start
-      start = time.perf_counter()
-      valid_metrics = evaluate(state.params)
-      eval_seconds = time.perf_counter() - start
-      improved = loop.best_epoch == 0 or (
-        valid_metrics[options.monitor] > loop.best_metrics[options.monitor]
-      )
-      loop.epoch = epoch
-      loop.epoch_seconds.append(seconds)
-      if improved:
-        loop.best_epoch, loop.best_metrics = epoch, valid_metrics
-        loop.bad_epochs = 0
-      else:
-        loop.bad_epochs += 1
-      checkpoints.save(epoch, state, dataclasses.asdict(loop), improved)
-      writer.write(
-        stage,
-        epoch,
-        {"train": train_metrics, "valid": valid_metrics},
-        seconds=seconds,
-        eval_seconds=eval_seconds,
-        improved=improved,
-      )
-      _log_epoch(stage, epoch, train_metrics, valid_metrics, seconds)
+    while not loop.finished(options):
+      state = run_epoch(loop.epoch + 1, state, loop)
       if on_epoch_end is not None:
         on_epoch_end(loop)
     checkpoints.wait()
@@ -270,9 +324,3 @@ def fit(
     loop.best_metrics,
   )
   return FitResult(state=best_state, loop=loop)
-
-
-def _epochs(loop: LoopState, options: FitOptions) -> Iterator[int]:
-  """The epoch numbers still to run; stops as soon as the loop finished."""
-  while not loop.finished(options):
-    yield loop.epoch + 1
