@@ -45,6 +45,7 @@ def _row(index: int, run: dict) -> str:
     _number(run.get("seconds_per_epoch"), 2),
     _number(run.get("eval_seconds"), 3),
     _number(run.get("peak_rss_mb"), 0),
+    _number((run.get("load_average") or [None])[0], 1),
     run.get("date", "")[:10],
     run.get("machine", ""),
   ]
@@ -69,6 +70,7 @@ def render(runs: list[dict]) -> str:
     "s/epoch",
     "eval s",
     "peak RSS MB",
+    "load",
     "date",
     "machine",
   ]
@@ -79,8 +81,9 @@ def render(runs: list[dict]) -> str:
     "`benchmarks/results.jsonl`; do not edit by hand. Metrics are full-rank "
     "test metrics of the best validation epoch; s/epoch is the median "
     "training time of an epoch, eval s the median full-rank test evaluation "
-    "(embeddings and ranking). Runs capped by max_epochs are smoke runs, not "
-    "trained to convergence.",
+    "(embeddings and ranking); load is the machine's 1-minute load average "
+    "when the run started (timings on a busy machine are slower). Runs "
+    "capped by max_epochs are smoke runs, not trained to convergence.",
   ]
   for stage in sorted(by_stage):
     ordered = sorted(
