@@ -17,8 +17,9 @@ fixed-size batches (the last one padded), train items are masked by a
 scatter of -inf from a per-batch list of (row, item) pairs rather than a
 dense host mask, and only the metric sums come back to the host.
 
-Measured on Amazon-book test (9,860 users x 9,332 items, d = 256, 2 CPU
-cores, quiet machine): 0.34 s in all, half of it the score matmul. The
+Measured on Amazon-book test (9,860 users x 9,332 items, d = 256, 2 shared
+CPU cores): 0.34 s at best, 0.5 s with one core busy elsewhere; about half
+of it is the score matmul. The
 exact `lax.top_k` beat `lax.approx_max_k` (0.58 s, and not exact), a full
 argsort (19 s) and a host `np.argpartition` (0.41 s for the top 20 alone);
 finding hits with a dense relevance mask cost 0.2 s more than the binary
