@@ -64,20 +64,35 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.lightgcl_weight = 0.1
 
   config.pretrain = ml_collections.ConfigDict()
-  # (user, positive, negative) triples per step.
+  # (user, positive, negative) triples per step; the last partial batch of
+  # an epoch is filled up with the epoch's first triples.
   config.pretrain.batch_size = 256
   # Adam learning rate of the backbone.
   config.pretrain.learning_rate = 1e-3
   # Upper bound on epochs; early stopping usually ends sooner.
   config.pretrain.max_epochs = 3000
-  # Epochs without a better validation Recall@20 before stopping.
+  # Epochs without a better validation `monitor` before stopping.
   config.pretrain.patience = 10
+  # Validation metric that selects the best epoch and drives early stopping.
+  config.pretrain.monitor = "recall@20"
+  # Steps between progress-bar loss updates and NaN/Inf checks.
+  config.pretrain.log_every = 50
 
   config.eval = ml_collections.ConfigDict()
   # Cut-offs of Recall@K and NDCG@K.
   config.eval.ks = (5, 10, 20)
-  # Users scored against all items at once.
+  # Users scored against all items at once (the last batch is padded).
   config.eval.batch_size = 1024
+
+  config.checkpoint = ml_collections.ConfigDict()
+  # Write checkpoints in a background thread while training goes on.
+  config.checkpoint.async_save = True
+
+  config.log = ml_collections.ConfigDict()
+  # Show a progress bar with loss and ETA for every epoch.
+  config.log.progress_bar = True
+  # Also write TensorBoard event files to <workdir>/tensorboard.
+  config.log.tensorboard = True
 
   config.llm = ml_collections.ConfigDict()
   # Hugging Face id or local folder of the frozen LLM.

@@ -1,0 +1,184 @@
+"""Pretrains a backbone on a real dataset and records quality and speed.
+
+Trains to early stopping (or --max_epochs) in a fresh workdir, scores the
+best epoch on the test split, times the full-rank test evaluation, and
+appends one JSON object to benchmarks/results.jsonl. Render the table with
+`python benchmarks/render_results.py`.
+
+  python benchmarks/bench_backbone.py --config=configs/amazon.py \\
+    --data_dir=/path/to/amazon --backbone=mf --max_epochs=3
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import pickle
+import platform
+import resource
+import shlex
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import scipy.sparse
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import configs
+from face_jax import train
+from face_jax.data import DataError, Dataset
+from face_jax.evaluation import prepare_ranking
+from face_jax.training import pretrain, writer
+
+_HERE = pathlib.Path(__file__).resolve().parent
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  str(pathlib.Path(configs.__file__).parent / "amazon.py"),
+  "Experiment config file; its --config.* fields can be overridden.",
+  lock_config=True,
+)
+_DATA_DIR = flags.DEFINE_string(
+  "data_dir", None, "RLMRec folder with trn_mat.pkl, val_mat.pkl, tst_mat.pkl."
+)
+_BACKBONE = flags.DEFINE_string(
+  "backbone", None, "Backbone to train (default: the config's)."
+)
+_MAX_EPOCHS = flags.DEFINE_integer(
+  "max_epochs", None, "Epoch cap (default: the config's, usually 3000)."
+)
+_EVAL_REPEATS = flags.DEFINE_integer(
+  "eval_repeats", 5, "Timed full-rank test evaluations (after a warm-up)."
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Workdir of the run (default: a fresh temporary folder)."
+)
+_RESULTS = flags.DEFINE_string(
+  "results", str(_HERE / "results.jsonl"), "JSONL file to append to."
+)
+
+# numpy's array-rebuilding function, wherever this numpy version keeps it.
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
+# The pickles reference numpy 1.x module paths; each allowed global maps to
+# where it lives now. Anything else in a pickle is refused.
+_ALLOWED_GLOBALS = {
+  ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+  ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+  ("numpy", "ndarray"): np.ndarray,
+  ("numpy", "dtype"): np.dtype,
+  ("scipy.sparse._coo", "coo_matrix"): scipy.sparse.coo_matrix,
+  ("scipy.sparse.coo", "coo_matrix"): scipy.sparse.coo_matrix,
+}
+
+
+class _SparseUnpickler(pickle.Unpickler):
+  def find_class(self, module, name):
+    if (module, name) not in _ALLOWED_GLOBALS:
+      raise DataError(
+        f"Refusing {module}.{name} in a pickle: only scipy sparse matrices "
+        "are expected in an RLMRec folder."
+      )
+    return _ALLOWED_GLOBALS[(module, name)]
+
+
+def _load_pairs(path: pathlib.Path) -> tuple[np.ndarray, tuple[int, int]]:
+  with path.open("rb") as stream:
+    matrix = scipy.sparse.coo_matrix(_SparseUnpickler(stream).load())
+  matrix.sum_duplicates()
+  keep = matrix.data != 0
+  pairs = np.stack([matrix.row[keep], matrix.col[keep]], axis=1)
+  pairs = pairs.astype(np.int32)
+  return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))], matrix.shape
+
+
+def load_rlmrec(name: str, folder: str) -> Dataset:
+  """The three splits of an RLMRec folder (no text)."""
+  folder = pathlib.Path(folder).expanduser()
+  train_pairs, shape = _load_pairs(folder / "trn_mat.pkl")
+  valid_pairs, _ = _load_pairs(folder / "val_mat.pkl")
+  test_pairs, _ = _load_pairs(folder / "tst_mat.pkl")
+  return Dataset(name, shape[0], shape[1], train_pairs, valid_pairs, test_pairs)
+
+
+def _machine() -> str:
+  device = jax.devices()[0]
+  return (
+    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+  )
+
+
+def _time_test_eval(config, dataset, stage_dir, repeats):
+  """Median seconds of a full test evaluation (embed + rank), warm."""
+  backbone, graph, params = pretrain.restore_pretrained(
+    config, dataset, stage_dir
+  )
+  score = pretrain.make_scorer(backbone, graph, tuple(config.eval.ks))
+  task = prepare_ranking(dataset, "test", config.eval.batch_size)
+  score(params, task)
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    score(params, task)
+    seconds.append(time.perf_counter() - start)
+  return float(np.median(seconds))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _DATA_DIR.value:
+    raise app.UsageError("Give --data_dir, the RLMRec dataset folder.")
+  writer.quiet_checkpoint_logs()
+  config = _CONFIG.value
+  if _BACKBONE.value:
+    config.model.backbone = _BACKBONE.value
+  if _MAX_EPOCHS.value:
+    config.pretrain.max_epochs = _MAX_EPOCHS.value
+  config.data.dir = _DATA_DIR.value
+  config = train.resolve_config(config)
+  dataset = load_rlmrec(config.data.name, _DATA_DIR.value)
+  workdir = pathlib.Path(
+    _WORKDIR.value or tempfile.mkdtemp(prefix="bench_backbone_")
+  )
+  load_before = os.getloadavg()
+  results = train.train_and_evaluate(config, workdir, dataset=dataset)
+  eval_seconds = _time_test_eval(
+    config, dataset, workdir / pretrain.STAGE, _EVAL_REPEATS.value
+  )
+  result = results[pretrain.STAGE]
+  record = {
+    "dataset": config.data.name,
+    "model": config.model.backbone,
+    "stage": pretrain.STAGE,
+    "split": "test",
+    "metrics": result["test"],
+    "valid_metrics": result["valid"],
+    "epochs": result["epochs"],
+    "best_epoch": result["best_epoch"],
+    "max_epochs": config.pretrain.max_epochs,
+    "early_stopped": result["epochs"] < config.pretrain.max_epochs,
+    "seconds_per_epoch": result["seconds_per_epoch"],
+    "eval_seconds": eval_seconds,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "load_average": [round(value, 2) for value in load_before],
+    "command": shlex.join([sys.executable, *sys.argv]),
+    "machine": _machine(),
+    "version": importlib.metadata.version("face_jax"),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"
+    ),
+  }
+  with open(_RESULTS.value, "a", encoding="utf-8") as stream:
+    stream.write(json.dumps(record) + "\n")
+  logging.info("Appended to %s: %s", _RESULTS.value, record)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,188 @@
+"""Runs an experiment: its stages in order, each resumable and skippable.
+
+`train_and_evaluate(config, workdir)` resolves the config, writes it to
+`<workdir>/config.json`, loads the dataset and runs every stage in
+`STAGES`. A stage works in `<workdir>/<stage>/` and, when done, writes its
+results there atomically (`result.json`); a rerun skips stages that have
+that file and resumes an unfinished stage from its last checkpoint. All
+results are gathered in `<workdir>/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from face_jax import data
+from face_jax.data import Dataset
+from face_jax.training import checkpoints, pretrain
+from face_jax.training.writer import MetricWriter
+
+
+class ConfigError(ValueError):
+  """The experiment config cannot be resolved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One step of an experiment.
+
+  Attributes:
+    name: stage name; also its folder in the workdir.
+    run: (config, dataset, stage_dir, writer) -> JSON-serialisable results.
+  """
+
+  name: str
+  run: Callable[
+    [ml_collections.ConfigDict, Dataset, pathlib.Path, MetricWriter],
+    dict[str, Any],
+  ]
+
+
+# The stages of an experiment, in order.
+STAGES: tuple[Stage, ...] = (Stage(pretrain.STAGE, pretrain.run_pretrain),)
+
+
+def resolve_config(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """Fills the fields left unset from `config.per_backbone`.
+
+  Dataset configs leave backbone-dependent fields (layers, L2 weight, epoch
+  cap) as None and list their values per backbone in `config.per_backbone`
+  (see configs/backbone_defaults.py). This takes the entry of
+  `config.model.backbone` and sets each field that is still None; values set
+  explicitly, for example on the command line, are kept.
+
+  Args:
+    config: an experiment config; it is not modified.
+
+  Returns:
+    A resolved copy (locked when the input was).
+
+  Raises:
+    ConfigError: the backbone has no entry while fields are unset, or a
+      field is still unset after resolution.
+  """
+  resolved = copy.deepcopy(config)
+  table = resolved.get("per_backbone")
+  if table is None:
+    return resolved
+  backbone = resolved.model.backbone
+  named = {
+    (section, field)
+    for entry in table.values()
+    for section, fields in entry.items()
+    for field in fields
+  }
+  if backbone in table:
+    for section, fields in table[backbone].items():
+      for field, value in fields.items():
+        if resolved[section][field] is None:
+          resolved[section][field] = value
+  unset = sorted(
+    f"config.{section}.{field}"
+    for section, field in named
+    if resolved[section][field] is None
+  )
+  if unset:
+    raise ConfigError(
+      f"{', '.join(unset)} unset for backbone {backbone!r}; set them on the "
+      f"command line or add config.per_backbone.{backbone} (known: "
+      f"{sorted(table)})."
+    )
+  return resolved
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  path = workdir / "config.json"
+  payload = json.loads(config.to_json_best_effort())
+  previous = checkpoints.read_json(path)
+  if previous is not None and previous != payload:
+    logging.warning(
+      "%s differs from the config of this run; continuing with the new "
+      "config and overwriting it.",
+      path,
+    )
+  checkpoints.write_json_atomic(path, payload)
+
+
+def run_stages(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  workdir: pathlib.Path,
+  stages: Sequence[Stage] = STAGES,
+) -> dict[str, Any]:
+  """Runs `stages` in order, skipping those already finished.
+
+  Args:
+    config: the resolved experiment config.
+    dataset: the dataset.
+    workdir: the experiment folder.
+    stages: the stages to run.
+
+  Returns:
+    Stage name -> its results; also written to `<workdir>/metrics.json`.
+  """
+  writer = MetricWriter(workdir, tensorboard=config.log.tensorboard)
+  results = {}
+  try:
+    for stage in stages:
+      stage_dir = workdir / stage.name
+      marker = stage_dir / checkpoints.RESULT_FILE
+      done = checkpoints.read_json(marker)
+      if done is not None:
+        logging.info("%s: finished earlier (%s), skipped.", stage.name, marker)
+      else:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        done = stage.run(config, dataset, stage_dir, writer)
+        checkpoints.write_json_atomic(marker, done)
+        logging.info("%s: done, %s", stage.name, done)
+      results[stage.name] = done
+      checkpoints.write_json_atomic(workdir / "metrics.json", results)
+  finally:
+    writer.close()
+  return results
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  dataset: Dataset | None = None,
+) -> dict[str, Any]:
+  """Runs the experiment `config` in `workdir`.
+
+  Args:
+    config: the experiment config (`configs/*.py`), possibly unresolved.
+    workdir: folder for the config, checkpoints, logs and metrics; reusing
+      it resumes the experiment.
+    dataset: the dataset to use instead of loading `config.data`.
+
+  Returns:
+    Stage name -> results, for example {"pretrain": {"valid": {...},
+    "test": {...}, "epochs": ...}}.
+  """
+  config = resolve_config(config)
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_config(config, workdir)
+  if dataset is None:
+    dataset = data.load_dataset(config.data)
+  logging.info(
+    "%s: %d users, %d items, %d/%d/%d train/valid/test pairs; workdir %s",
+    dataset.name,
+    dataset.num_users,
+    dataset.num_items,
+    len(dataset.train),
+    len(dataset.valid),
+    len(dataset.test),
+    workdir,
+  )
+  return run_stages(config, dataset, workdir)
