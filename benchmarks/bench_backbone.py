@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import pickle
 import platform
 import resource
 import shlex
@@ -26,13 +25,11 @@ import time
 
 import jax
 import numpy as np
-import scipy.sparse
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from face_jax import train
-from face_jax.data import DataError, Dataset
+from face_jax import data, train
 from face_jax.evaluation import prepare_ranking
 from face_jax.training import pretrain, writer
 
@@ -62,48 +59,6 @@ _WORKDIR = flags.DEFINE_string(
 _RESULTS = flags.DEFINE_string(
   "results", str(_HERE / "results.jsonl"), "JSONL file to append to."
 )
-
-# numpy's array-rebuilding function, wherever this numpy version keeps it.
-_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
-# The pickles reference numpy 1.x module paths; each allowed global maps to
-# where it lives now. Anything else in a pickle is refused.
-_ALLOWED_GLOBALS = {
-  ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-  ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-  ("numpy", "ndarray"): np.ndarray,
-  ("numpy", "dtype"): np.dtype,
-  ("scipy.sparse._coo", "coo_matrix"): scipy.sparse.coo_matrix,
-  ("scipy.sparse.coo", "coo_matrix"): scipy.sparse.coo_matrix,
-}
-
-
-class _SparseUnpickler(pickle.Unpickler):
-  def find_class(self, module, name):
-    if (module, name) not in _ALLOWED_GLOBALS:
-      raise DataError(
-        f"Refusing {module}.{name} in a pickle: only scipy sparse matrices "
-        "are expected in an RLMRec folder."
-      )
-    return _ALLOWED_GLOBALS[(module, name)]
-
-
-def _load_pairs(path: pathlib.Path) -> tuple[np.ndarray, tuple[int, int]]:
-  with path.open("rb") as stream:
-    matrix = scipy.sparse.coo_matrix(_SparseUnpickler(stream).load())
-  matrix.sum_duplicates()
-  keep = matrix.data != 0
-  pairs = np.stack([matrix.row[keep], matrix.col[keep]], axis=1)
-  pairs = pairs.astype(np.int32)
-  return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))], matrix.shape
-
-
-def load_rlmrec(name: str, folder: str) -> Dataset:
-  """The three splits of an RLMRec folder (no text)."""
-  folder = pathlib.Path(folder).expanduser()
-  train_pairs, shape = _load_pairs(folder / "trn_mat.pkl")
-  valid_pairs, _ = _load_pairs(folder / "val_mat.pkl")
-  test_pairs, _ = _load_pairs(folder / "tst_mat.pkl")
-  return Dataset(name, shape[0], shape[1], train_pairs, valid_pairs, test_pairs)
 
 
 def _machine() -> str:
@@ -143,7 +98,7 @@ def main(argv):
     config.pretrain.max_epochs = _MAX_EPOCHS.value
   config.data.dir = _DATA_DIR.value
   config = train.resolve_config(config)
-  dataset = load_rlmrec(config.data.name, _DATA_DIR.value)
+  dataset = data.load_dataset(config.data)
   workdir = pathlib.Path(
     _WORKDIR.value or tempfile.mkdtemp(prefix="bench_backbone_")
   )
