@@ -138,6 +138,14 @@ def test_inputs_embeds_path_equals_ids_path(minilm, reference, encode_ids):
   )
 
 
+def test_frame_adds_cls_and_sep_like_the_tokenizer(minilm):
+  ids, _ = minilm.tokenize(["a calm puzzle game"], 32)
+  table = minilm.token_table(minilm.params)
+  content = table[ids[:, 1:-1]]  # without [CLS] and [SEP]
+  framed = minilm.frame(minilm.params, content)
+  np.testing.assert_array_equal(np.asarray(framed), np.asarray(table[ids]))
+
+
 def test_dropout_is_optional_and_gradients_reach_only_inputs(minilm):
   ids, mask = minilm.tokenize(["descriptors: calm, dark, strategy"], 32)
   embeds = minilm.embed_ids(minilm.params, ids)

@@ -31,8 +31,8 @@ def texts():
 
 
 def test_length_buckets():
-  assert profiles.length_buckets(256) == (32, 64, 128, 256)
-  assert profiles.length_buckets(100) == (32, 64, 100)
+  assert profiles.length_buckets(256)[-4:] == (160, 192, 224, 256)
+  assert profiles.length_buckets(100) == (16, 32, 48, 64, 80, 96, 100)
   assert profiles.length_buckets(16) == (16,)
   assert profiles.length_buckets(40, (16, 8, 16)) == (8, 16, 40)
 

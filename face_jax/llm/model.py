@@ -214,6 +214,31 @@ class LLM:
       rng=rng,
     )
 
+  def frame(self, params: Params, content: jax.Array) -> jax.Array:
+    """Wraps unpadded content embeddings in the model's sentence frame.
+
+    Args:
+      params: the LLM params.
+      content: [batch, length, hidden] input-token embeddings of a
+        sentence's content (for FACE: prompt, words and commas).
+
+    Returns:
+      [batch, len(prefix_ids) + length + len(suffix_ids), hidden]: the
+      prefix tokens' embeddings ([CLS]; BOS and any instruction), the
+      content, then the suffix tokens' embeddings ([SEP]; EOS).
+    """
+    table = self.token_table(params)
+    batch = content.shape[0]
+
+    def rows(ids):
+      picked = table[jnp.asarray(ids, jnp.int32)].astype(content.dtype)
+      return jnp.broadcast_to(picked, (batch, *picked.shape))
+
+    return jnp.concatenate(
+      [rows(self.info.prefix_ids), content, rows(self.info.suffix_ids)],
+      axis=1,
+    )
+
   def token_table(self, params: Params) -> jax.Array:
     """The frozen input-token embedding table [vocab_size, hidden]."""
     table_path = _FAMILIES[self.info.family].token_table
@@ -367,7 +392,7 @@ def _comma_id(tokenizer) -> int:
 def _fingerprint(folder: pathlib.Path, extras: dict) -> str:
   """Digest of the model files' identity and the settings in `extras`."""
   digest = hashlib.sha256()
-  for name in ("config.json", "tokenizer.json", "vocab.txt"):
+  for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer.model"):
     if (folder / name).is_file():
       digest.update(name.encode() + (folder / name).read_bytes())
   for shard in Checkpoint(folder).files:

@@ -55,7 +55,8 @@ def hub_offline() -> bool:
 
 
 def _looks_like_path(model: str) -> bool:
-  return model.startswith(("/", ".", "~")) or os.sep + os.sep in model
+  # Hub ids are "name" or "owner/name"; anything else is meant as a path.
+  return model.startswith(("/", ".", "~")) or model.count("/") > 1
 
 
 def _packaged_minilm() -> pathlib.Path | None:
@@ -94,7 +95,7 @@ def resolve_model_folder(
         "a Hugging Face model folder (config.json, *.safetensors, tokenizer)."
       )
     return folder.resolve()
-  if _looks_like_path(model) or model.count("/") > 1:
+  if _looks_like_path(model):
     raise ModelNotFoundError(
       f"config.llm.model={model!r} looks like a path but is not a folder."
     )
