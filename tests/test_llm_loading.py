@@ -199,6 +199,26 @@ def test_bfloat16_checkpoint_loads_in_either_dtype(tmp_path):
     )
 
 
+def test_tied_embeddings_may_come_from_the_lm_head(tmp_path):
+  folder = tmp_path / "tied"
+  shutil.copytree(TINY_LLAMA, folder)
+  source = Checkpoint(TINY_LLAMA)
+  tensors = {name: np.asarray(source.get(name)) for name in source.names()}
+  tensors["lm_head.weight"] = tensors.pop("embed_tokens.weight")
+  (folder / "model.safetensors").unlink()
+  write_safetensors(folder / "model.safetensors", tensors)
+  with pytest.raises(CheckpointError, match=r"lacks embed_tokens\.weight"):
+    load_llm(llm_config(model=str(folder)))
+  config = json.loads((folder / "config.json").read_text())
+  config["tie_word_embeddings"] = True
+  (folder / "config.json").write_text(json.dumps(config))
+  llm = load_llm(llm_config(model=str(folder)))
+  np.testing.assert_array_equal(
+    np.asarray(llm.params["embed_tokens"]["embedding"]),
+    tensors["lm_head.weight"],
+  )
+
+
 def test_missing_shard_and_mismatched_shapes_are_reported(tmp_path):
   folder = tmp_path / "broken"
   shutil.copytree(TINY_QWEN, folder)

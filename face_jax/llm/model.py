@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -281,7 +281,7 @@ class LLM:
 class _Family:
   """How to build one model family."""
 
-  make_module: Any  # (spec, dtype, causal) -> nn.Module
+  make_module: Callable[[specs.Spec, Any, bool], nn.Module]
   token_table: tuple[str, str]
   default_pooling: str
 

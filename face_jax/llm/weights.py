@@ -120,15 +120,20 @@ def _model_prefix(checkpoint: Checkpoint, names) -> str:
   Base-model checkpoints store `embeddings.word_embeddings.weight`, task
   checkpoints `bert.embeddings...` or `model.embed_tokens...`.
   """
-  probe = next(iter(names.values()))[0]
-  for prefix in ("", "bert.", "model."):
-    if prefix + probe in checkpoint:
-      return prefix
-  raise CheckpointError(
-    f"The checkpoint at {checkpoint.folder} has no {probe} (nor with a "
-    f"'bert.' or 'model.' prefix); its first tensors are "
-    f"{checkpoint.names()[:5]}. Is config.json's model_type right?"
-  )
+  expected = [name for name, _ in names.values()]
+  matches = {
+    prefix: sum(prefix + name in checkpoint for name in expected)
+    for prefix in ("", "bert.", "model.")
+  }
+  best = max(matches, key=matches.get)
+  if matches[best] == 0:
+    raise CheckpointError(
+      f"The checkpoint at {checkpoint.folder} has none of the expected "
+      f"tensors (e.g. {expected[0]}, also with a 'bert.' or 'model.' "
+      f"prefix); its first tensors are {checkpoint.names()[:5]}. Is "
+      "config.json's model_type right?"
+    )
+  return best
 
 
 def _legacy_name(name: str) -> str:
