@@ -103,6 +103,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.llm.max_length = 256
   # Profiles encoded per batch when caching profile embeddings.
   config.llm.batch_size = 64
+  # Pooling of hidden states: "mean" over real tokens, "last" real token,
+  # or "auto" (the model folder's 1_Pooling/config.json when present, else
+  # mean for BERT and last for decoders).
+  config.llm.pooling = "auto"
+  # Decoders only: "causal", "bidirectional" (every position sees every
+  # real token), or "auto" (config.json's is_causal when present, else
+  # causal). BERT is always bidirectional.
+  config.llm.attention = "auto"
+  # Text put before each descriptor sentence (the query side), e.g. for
+  # gte-Qwen2: "Instruct: Given a query composed of 8 descriptors, retrieve
+  # the original user/item profile\nQuery:". Profiles get none.
+  config.llm.instruction = ""
+  # Decoders only: end every profile and descriptor sentence with the EOS
+  # token (gte-Qwen2 reads its embedding there; its EOS is also its pad).
+  config.llm.append_eos = False
+  # Align stage: keep the LLM's own dropout active while training, as the
+  # authors do (it acts as noise on the alignment); False runs it frozen
+  # and deterministic.
+  config.llm.train_dropout = True
 
   config.vocab = ml_collections.ConfigDict()
   # Word list restricting the codebook: "" for the built-in list, else a
