@@ -52,6 +52,87 @@ def _row(index: int, run: dict) -> str:
   return "| " + " | ".join(cells) + " |"
 
 
+def _pair(before, after) -> str:
+  if before is None or after is None:
+    return ""
+  return f"{before:.4f} → {after:.4f}"
+
+
+def _retrieval(run: dict, kind: str) -> str:
+  scores = (run.get("retrieval") or {}).get(kind)
+  floor = (run.get("random_retrieval") or {}).get(kind)
+  if not scores:
+    return ""
+  text = f"{scores['top1']:.3f} / {scores['top10']:.3f}"
+  if floor:
+    text += f" (random {floor['top1']:.3f} / {floor['top10']:.3f})"
+  return text
+
+
+# Columns of the FACE stage tables: header -> cell of a run.
+_FACE_COLUMNS = {
+  "dataset": lambda run: run.get("dataset", ""),
+  "model": lambda run: run.get("model", ""),
+  **{
+    f"{_TITLES[name.split('@')[0]]}@{name.split('@')[1]} backbone → FACE": (
+      lambda run, name=name: _pair(
+        run.get("backbone_metrics", {}).get(name),
+        run.get("metrics", {}).get(name),
+      )
+    )
+    for name in _METRICS
+  },
+  "users top-1 / top-10": lambda run: _retrieval(run, "user"),
+  "items top-1 / top-10": lambda run: _retrieval(run, "item"),
+  "distinct tokens": lambda run: str(run.get("distinct_tokens") or ""),
+  "epochs": _epochs,
+  "batch": lambda run: str(run.get("batch_size", "")),
+  "steps/epoch": lambda run: str(run.get("steps_per_epoch", "")),
+  "s/step": lambda run: _number(run.get("step_seconds"), 3),
+  "job wall s": lambda run: _number(run.get("wall_seconds"), 0),
+  "peak RSS MB": lambda run: _number(run.get("peak_rss_mb"), 0),
+  "load": lambda run: _number((run.get("load_average") or [None])[0], 1),
+  "date": lambda run: run.get("date", "")[:10],
+}
+
+_STEP_COLUMNS = {
+  "dataset": lambda run: run.get("dataset", ""),
+  "model": lambda run: run.get("model", ""),
+  "step": lambda run: run.get("step", ""),
+  "batch": lambda run: str(run.get("batch_size", "")),
+  "codebook": lambda run: str(run.get("vocabulary_size", "")),
+  "s/step (median)": lambda run: _number(run.get("step_seconds"), 3),
+  "GFLOP/step": lambda run: _number(run.get("gflop"), 1),
+  "GFLOP/s": lambda run: _number(run.get("achieved_gflops"), 1),
+  "matmul peak GFLOP/s": lambda run: _number(run.get("matmul_peak_gflops"), 1),
+  "peak RSS MB": lambda run: _number(run.get("peak_rss_mb"), 0),
+  "compile s": lambda run: _number(run.get("compile_seconds"), 1),
+  "load": lambda run: _number((run.get("load_average") or [None])[0], 1),
+  "date": lambda run: run.get("date", "")[:10],
+}
+
+_NOTES = {
+  "map": "Test metrics of the pretrained backbone alone → after the map "
+  "stage (the backbone is scored; FACE does not change scoring). Retrieval: "
+  "fraction of entities whose descriptor sentence, encoded by the frozen "
+  "LLM, ranks its own profile first / in the top 10 among all profiles of "
+  "its type, beside random descriptors.",
+  "align": "As for map, after the align stage.",
+  "face_step": "Median wall time of one jitted train step after a compiling "
+  "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "
+  "float32 4096 x 4096 matmul measured in the same process.",
+}
+
+
+def _table(ordered: list[dict], columns: dict) -> list[str]:
+  lines = ["| # | " + " | ".join(columns) + " |"]
+  lines.append("|" + "---|" * (len(columns) + 1))
+  for index, run in enumerate(ordered, 1):
+    cells = [str(index), *(cell(run) for cell in columns.values())]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def render(runs: list[dict]) -> str:
   """The Markdown text for `runs` (one dict per JSONL line)."""
   by_stage = collections.defaultdict(list)
@@ -95,12 +176,20 @@ def render(runs: list[dict]) -> str:
       ),
     )
     lines += ["", f"## Stage: {stage}", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    lines += [_row(index, run) for index, run in enumerate(ordered, 1)]
+    if stage in _NOTES:
+      lines += [_NOTES[stage], ""]
+    if stage in ("map", "align"):
+      lines += _table(ordered, _FACE_COLUMNS)
+    elif stage == "face_step":
+      lines += _table(ordered, _STEP_COLUMNS)
+    else:
+      lines.append("| " + " | ".join(header) + " |")
+      lines.append("|" + "---|" * len(header))
+      lines += [_row(index, run) for index, run in enumerate(ordered, 1)]
     lines += ["", "Commands:", ""]
     lines += [
       f"{index}. `{run.get('command', '')}`"
+      + (f" ({run['machine']})" if stage in _NOTES and "machine" in run else "")
       for index, run in enumerate(ordered, 1)
     ]
   return "\n".join(lines) + "\n"

@@ -15,7 +15,11 @@ from ml_collections import config_dict
 
 
 def authors_table() -> ml_collections.ConfigDict:
-  """The authors' per-backbone values (Amazon-book and Yelp)."""
+  """The authors' per-backbone values (Amazon-book and Yelp).
+
+  The FACE stages take the epoch cap of the backbone's "_vq" config: 3000,
+  or 300 for LightGCL.
+  """
   table = ml_collections.ConfigDict()
 
   table.mf = ml_collections.ConfigDict()
@@ -27,6 +31,12 @@ def authors_table() -> ml_collections.ConfigDict:
   table.mf.pretrain = ml_collections.ConfigDict()
   # Epoch cap of MF.
   table.mf.pretrain.max_epochs = 3000
+  table.mf.map = ml_collections.ConfigDict()
+  # Epoch cap of the FACE map stage with MF.
+  table.mf.map.max_epochs = 3000
+  table.mf.align = ml_collections.ConfigDict()
+  # Epoch cap of the FACE align stage with MF.
+  table.mf.align.max_epochs = 3000
 
   table.lightgcn = ml_collections.ConfigDict()
   table.lightgcn.model = ml_collections.ConfigDict()
@@ -37,6 +47,12 @@ def authors_table() -> ml_collections.ConfigDict:
   table.lightgcn.pretrain = ml_collections.ConfigDict()
   # Epoch cap of LightGCN.
   table.lightgcn.pretrain.max_epochs = 3000
+  table.lightgcn.map = ml_collections.ConfigDict()
+  # Epoch cap of the FACE map stage with LightGCN.
+  table.lightgcn.map.max_epochs = 3000
+  table.lightgcn.align = ml_collections.ConfigDict()
+  # Epoch cap of the FACE align stage with LightGCN.
+  table.lightgcn.align.max_epochs = 3000
 
   table.simgcl = ml_collections.ConfigDict()
   table.simgcl.model = ml_collections.ConfigDict()
@@ -47,6 +63,12 @@ def authors_table() -> ml_collections.ConfigDict:
   table.simgcl.pretrain = ml_collections.ConfigDict()
   # Epoch cap of SimGCL.
   table.simgcl.pretrain.max_epochs = 3000
+  table.simgcl.map = ml_collections.ConfigDict()
+  # Epoch cap of the FACE map stage with SimGCL.
+  table.simgcl.map.max_epochs = 3000
+  table.simgcl.align = ml_collections.ConfigDict()
+  # Epoch cap of the FACE align stage with SimGCL.
+  table.simgcl.align.max_epochs = 3000
 
   table.lightgcl = ml_collections.ConfigDict()
   table.lightgcl.model = ml_collections.ConfigDict()
@@ -57,6 +79,12 @@ def authors_table() -> ml_collections.ConfigDict:
   table.lightgcl.pretrain = ml_collections.ConfigDict()
   # Epoch cap of LightGCL (the authors give it 300 rather than 3000).
   table.lightgcl.pretrain.max_epochs = 300
+  table.lightgcl.map = ml_collections.ConfigDict()
+  # Epoch cap of the FACE map stage with LightGCL.
+  table.lightgcl.map.max_epochs = 300
+  table.lightgcl.align = ml_collections.ConfigDict()
+  # Epoch cap of the FACE align stage with LightGCL.
+  table.lightgcl.align.max_epochs = 300
 
   return table
 

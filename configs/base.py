@@ -78,6 +78,85 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Steps between progress-bar loss updates and NaN/Inf checks.
   config.pretrain.log_every = 50
 
+  config.face = ml_collections.ConfigDict()
+  # W: LLM tokens (descriptors) per user and item.
+  config.face.num_words = 16
+  # Width of each word, of the encoder/decoder layers and of the mapped
+  # codebook.
+  config.face.word_dim = 256
+  # Attention heads of the encoder and decoder layers.
+  config.face.num_heads = 1
+  # Feed-forward width of the encoder and decoder layers.
+  config.face.ff_dim = 2048
+  # Dropout of the encoder and decoder layers while training.
+  config.face.dropout_rate = 0.1
+  # Epsilon of their layer norms.
+  config.face.layer_norm_eps = 1e-5
+  # Projection init: "flat" (torch orthogonal_ on the whole [W, d,
+  # word_dim] tensor, as the authors) or "per_map" (each map orthogonal).
+  config.face.projection_init = "flat"
+  # Codebook rows compared per step of the nearest-token search; bounds
+  # the [entities * W, chunk] distance block held in memory.
+  config.face.chunk_size = 2048
+  # Adam learning rate of the FACE parameters (no L2, as the authors).
+  config.face.learning_rate = 1e-3
+  # Adam learning rate of the backbone in the FACE stages (the authors'
+  # lr / 10); its coupled L2 stays 2 * model.reg_weight.
+  config.face.backbone_learning_rate = 1e-4
+  # Weight of the VQ loss (codebook 0.75 + commitment 0.25).
+  config.face.vq_weight = 1.0
+  # Weight of the reconstruction MSE of the CF embeddings.
+  config.face.recon_weight = 1.0
+  # Weight of the alignment InfoNCE (align stage only).
+  config.face.align_weight = 0.1
+  # Softmax temperature of the alignment InfoNCE.
+  config.face.temperature = 0.02
+
+  config.map = ml_collections.ConfigDict()
+  # (user, positive, negative) triples per step; FACE sees 3x as many rows.
+  config.map.batch_size = 256
+  # Upper bound on epochs; early stopping usually ends sooner.
+  config.map.max_epochs = 3000
+  # Epochs without a better validation `monitor` before stopping.
+  config.map.patience = 10
+  # Validation metric (of the backbone) that selects the best epoch.
+  config.map.monitor = "recall@20"
+  # Steps between progress-bar loss updates and NaN/Inf checks.
+  config.map.log_every = 50
+  # Steps per epoch; 0 runs every train triple once per epoch. A positive
+  # value trains on that many batches of a fresh shuffle each epoch (a CPU
+  # shortcut; the authors use whole epochs).
+  config.map.steps_per_epoch = 0
+
+  config.align = ml_collections.ConfigDict()
+  # Triples per step; each step encodes 3x as many sentences with the LLM.
+  config.align.batch_size = 256
+  # Upper bound on epochs; early stopping usually ends sooner.
+  config.align.max_epochs = 3000
+  # Epochs without a better validation `monitor` before stopping.
+  config.align.patience = 10
+  # Validation metric (of the backbone) that selects the best epoch.
+  config.align.monitor = "recall@20"
+  # Steps between progress-bar loss updates and NaN/Inf checks.
+  config.align.log_every = 10
+  # Steps per epoch; 0 runs every train triple once per epoch. A positive
+  # value trains on that many batches of a fresh shuffle each epoch (a CPU
+  # shortcut; the authors use whole epochs).
+  config.align.steps_per_epoch = 0
+
+  config.descriptors = ml_collections.ConfigDict()
+  # Entities described per batch (CF embeddings through FACE).
+  config.descriptors.batch_size = 1024
+  # Descriptor sentences per batch through the frozen LLM when measuring
+  # how well they retrieve their own profile.
+  config.descriptors.encode_batch_size = 128
+  # Retrieval cut-offs: an entity counts at K when its own profile is
+  # among the K profiles most similar to its descriptor sentence.
+  config.descriptors.ks = (1, 10)
+  # Measure retrieval for at most this many users and this many items
+  # (a seeded sample, ranked against all profiles of the type); 0 for all.
+  config.descriptors.max_entities = 0
+
   config.eval = ml_collections.ConfigDict()
   # Cut-offs of Recall@K and NDCG@K.
   config.eval.ks = (5, 10, 20)

@@ -1,6 +1,9 @@
 """Command line: `python -m face_jax.main --config=configs/amazon.py`.
 
-Flags only; the work is `face_jax.train.train_and_evaluate`. Any config field
+With no flags it runs the whole job (pretrain, map, align, final,
+descriptors) on MovieLens-100K with all-MiniLM-L6-v2 in
+workdirs/movielens. Flags only; the work is
+`face_jax.train.train_and_evaluate`. Any config field
 can be overridden, for example `--config.data.dir=/data/amazon` or
 `--config.model.backbone=simgcl` (which also switches the backbone's own
 defaults, see configs/backbone_defaults.py).
@@ -32,6 +35,14 @@ _WORKDIR = flags.DEFINE_string(
   "same folder resumes. Default: workdirs/<data.name>.",
 )
 
+_STOP_AFTER = flags.DEFINE_enum(
+  "stop_after",
+  None,
+  list(train.STAGE_NAMES),
+  "Run the stages up to and including this one; a later run with the same "
+  "workdir continues from there. Default: all stages.",
+)
+
 
 def main(argv):
   if len(argv) > 1:
@@ -39,7 +50,9 @@ def main(argv):
   writer.quiet_checkpoint_logs()
   config = _CONFIG.value
   workdir = _WORKDIR.value or str(pathlib.Path("workdirs", config.data.name))
-  results = train.train_and_evaluate(config, workdir)
+  results = train.train_and_evaluate(
+    config, workdir, stop_after=_STOP_AFTER.value
+  )
   logging.info("Results: %s", results)
 
 

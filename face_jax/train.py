@@ -2,10 +2,19 @@
 
 `train_and_evaluate(config, workdir)` resolves the config, writes it to
 `<workdir>/config.json`, loads the dataset and runs every stage in
-`STAGES`. A stage works in `<workdir>/<stage>/` and, when done, writes its
-results there atomically (`result.json`); a rerun skips stages that have
-that file and resumes an unfinished stage from its last checkpoint. All
-results are gathered in `<workdir>/metrics.json`.
+`STAGES`: pretrain (the CF backbone), map and align (the FACE stages),
+final (the backbone alone beside the backbone after FACE) and descriptors
+(every entity's words, exported and scored). A stage works in
+`<workdir>/<stage>/` and, when done, writes its results there atomically
+(`result.json`); a rerun skips stages that have that file and resumes an
+unfinished stage from its last checkpoint. All results are gathered in
+`<workdir>/metrics.json`.
+
+The align stage needs user and item texts; without them it is skipped with
+a message and the job ends after map (its final and descriptor stages
+report on map). Final and descriptors are derived from the stages before
+them, so a run in which any earlier stage ran (say align, once texts are
+added) computes them again.
 """
 
 from __future__ import annotations
@@ -20,9 +29,9 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from face_jax import data
+from face_jax import data, descriptors
 from face_jax.data import Dataset
-from face_jax.training import checkpoints, pretrain
+from face_jax.training import checkpoints, face_stages, final_stage, pretrain
 from face_jax.training.writer import MetricWriter
 
 
@@ -37,6 +46,11 @@ class Stage:
   Attributes:
     name: stage name; also its folder in the workdir.
     run: (config, dataset, stage_dir, writer) -> JSON-serialisable results.
+    skip_reason: (config, dataset) -> None when the stage can run, else why
+      not; a stage that cannot run is skipped with that message and
+      leaves no result, so a later run with what it lacked runs it.
+    derived: the stage only computes from earlier stages' results, so it
+      is run again whenever an earlier stage ran in the same invocation.
   """
 
   name: str
@@ -44,10 +58,40 @@ class Stage:
     [ml_collections.ConfigDict, Dataset, pathlib.Path, MetricWriter],
     dict[str, Any],
   ]
+  skip_reason: (
+    Callable[[ml_collections.ConfigDict, Dataset], str | None] | None
+  ) = None
+  derived: bool = False
 
 
 # The stages of an experiment, in order.
-STAGES: tuple[Stage, ...] = (Stage(pretrain.STAGE, pretrain.run_pretrain),)
+STAGES: tuple[Stage, ...] = (
+  Stage(pretrain.STAGE, pretrain.run_pretrain),
+  Stage(face_stages.MAP, face_stages.run_map),
+  Stage(
+    face_stages.ALIGN,
+    face_stages.run_align,
+    skip_reason=face_stages.align_skip_reason,
+  ),
+  Stage(final_stage.STAGE, final_stage.run_final, derived=True),
+  Stage(descriptors.STAGE, descriptors.run_descriptors, derived=True),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def stages_until(last: str | None) -> tuple[Stage, ...]:
+  """The stages of `STAGES` up to and including `last` (None: all).
+
+  Raises:
+    ConfigError: `last` is not a stage name.
+  """
+  if last is None:
+    return STAGES
+  if last not in STAGE_NAMES:
+    raise ConfigError(
+      f"Unknown stage {last!r}; choose one of {', '.join(STAGE_NAMES)}."
+    )
+  return STAGES[: STAGE_NAMES.index(last) + 1]
 
 
 def resolve_config(
@@ -129,26 +173,40 @@ def run_stages(
     stages: the stages to run.
 
   Returns:
-    Stage name -> its results; also written to `<workdir>/metrics.json`.
+    Stage name -> its results ({"skipped": reason} for a stage that could
+    not run); also written to `<workdir>/metrics.json`.
   """
   writer = MetricWriter(workdir, tensorboard=config.log.tensorboard)
   results = {}
+  skipped = []
+  ran_earlier = False
   try:
     for stage in stages:
       stage_dir = workdir / stage.name
       marker = stage_dir / checkpoints.RESULT_FILE
+      reason = stage.skip_reason(config, dataset) if stage.skip_reason else None
       done = checkpoints.read_json(marker)
-      if done is not None:
+      if reason is not None:
+        logging.warning("%s: skipped. %s", stage.name, reason)
+        skipped.append(f"{stage.name}: {reason}")
+        results[stage.name] = {"skipped": reason}
+        checkpoints.write_json_atomic(workdir / "metrics.json", results)
+        continue
+      if done is not None and not (stage.derived and ran_earlier):
         logging.info("%s: finished earlier (%s), skipped.", stage.name, marker)
       else:
         stage_dir.mkdir(parents=True, exist_ok=True)
         done = stage.run(config, dataset, stage_dir, writer)
         checkpoints.write_json_atomic(marker, done)
+        ran_earlier = True
         logging.info("%s: done, %s", stage.name, done)
       results[stage.name] = done
       checkpoints.write_json_atomic(workdir / "metrics.json", results)
   finally:
     writer.close()
+  for line in skipped:
+    # Repeated last, so that the reason is the run's closing message.
+    logging.warning("Not run: %s", line)
   return results
 
 
@@ -156,6 +214,7 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str | pathlib.Path,
   dataset: Dataset | None = None,
+  stop_after: str | None = None,
 ) -> dict[str, Any]:
   """Runs the experiment `config` in `workdir`.
 
@@ -164,11 +223,13 @@ def train_and_evaluate(
     workdir: folder for the config, checkpoints, logs and metrics; reusing
       it resumes the experiment.
     dataset: the dataset to use instead of loading `config.data`.
+    stop_after: run the stages up to this one only (None: all).
 
   Returns:
     Stage name -> results, for example {"pretrain": {"valid": {...},
     "test": {...}, "epochs": ...}}.
   """
+  stages = stages_until(stop_after)
   config = resolve_config(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -185,4 +246,4 @@ def train_and_evaluate(
     len(dataset.test),
     workdir,
   )
-  return run_stages(config, dataset, workdir)
+  return run_stages(config, dataset, workdir, stages)

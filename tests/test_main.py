@@ -6,11 +6,13 @@ can read a tiny folder of pickles written to tmp_path instead.
 """
 
 import json
+import logging
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+from _face_fixtures import write_tiny_bert
 from absl import flags
 
 import configs
@@ -50,8 +52,12 @@ def parsed_flags(monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     flags.FLAGS(argv)
 
+  # Unparsing resets absl's verbosity flag, which sets the absl logger to
+  # WARNING; later tests that capture INFO records need it as it was.
+  absl_level = logging.getLogger("absl").level
   yield parse
   flags.FLAGS.unparse_flags()
+  logging.getLogger("absl").setLevel(absl_level)
   for name in list(flags.FLAGS):
     if name.startswith("config."):
       delattr(flags.FLAGS, name)
@@ -79,6 +85,7 @@ def test_main_trains_scores_and_skips_when_rerun(
     f"--workdir={workdir}",
     "--config.pretrain.max_epochs=2",
     "--config.model.backbone=mf",
+    "--stop_after=pretrain",
   )
   main.main(["face_jax.main"])
   assert loaded == ["tiny"]
@@ -89,6 +96,7 @@ def test_main_trains_scores_and_skips_when_rerun(
   assert saved_config["pretrain"]["max_epochs"] == 2
   assert saved_config["model"]["reg_weight"] == 1e-6
   metrics = json.loads((workdir / "metrics.json").read_text())
+  assert list(metrics) == ["pretrain"]
   pretrain = metrics["pretrain"]
   assert pretrain["epochs"] == 2
   assert 1 <= pretrain["best_epoch"] <= 2
@@ -120,3 +128,33 @@ def test_main_trains_scores_and_skips_when_rerun(
   )
   # The rerun logged no new epochs.
   assert (workdir / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_main_without_texts_ends_after_map_with_descriptors(
+  tmp_path, monkeypatch, parsed_flags
+):
+  monkeypatch.setattr(
+    face_jax.data, "load_dataset", lambda _: _synthetic_dataset(), False
+  )
+  workdir = tmp_path / "run"
+  tiny_config = pathlib.Path(configs.__file__).parent / "tiny.py"
+  parsed_flags(
+    f"--config={tiny_config}",
+    f"--workdir={workdir}",
+    f"--config.llm.model={write_tiny_bert(tmp_path / 'bert')}",
+    "--config.model.backbone=mf",
+  )
+  main.main(["face_jax.main"])
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert set(metrics) == set(train.STAGE_NAMES)
+  assert "usr_prf.pkl" in metrics["align"]["skipped"]
+  assert not (workdir / "align").exists()
+  assert metrics["final"]["after"] == "map"
+  assert set(metrics["final"]["stages"]) == {"pretrain", "map"}
+  assert metrics["descriptors"]["after"] == "map"
+  assert "retrieval" not in metrics["descriptors"]
+  lines = (workdir / "descriptors" / "descriptors.jsonl").read_text()
+  records = [json.loads(line) for line in lines.splitlines()]
+  assert len(records) == 40 + 30
+  assert all(record["text"] is None for record in records)
+  assert all(len(record["words"]) == 4 for record in records)

@@ -1,0 +1,583 @@
+"""The FACE stages: map (CF embeddings to LLM tokens) and align (to text).
+
+Both stages train the backbone and the FACE module together. Map starts
+from the pretrained backbone's best epoch and freshly initialised FACE
+parameters; align starts from the map stage's best epoch with a fresh
+optimiser, as the authors run each stage as its own training job. The loss
+of a step is the backbone's own terms on the batch (BPR plus its extras),
+plus vq_weight * VQ and recon_weight * reconstruction of the batch's final
+embeddings x = [users; positives; negatives] (3B rows); align adds
+align_weight * InfoNCE between the frozen LLM's encoding of each entity's
+word sentence and the LLM's embedding of its profile text.
+
+Frozen inputs are one constants pytree passed to the jitted step as its
+`graph` argument, never closed over and never in the optimiser state:
+{"graph": the backbone's graph, "codebook": [v, token_dim] token rows of
+the descriptor vocabulary} for map, plus {"llm": the LLM's params (its
+full token table included), "layout": the sentence layout, "user_profiles"
+[num_users, h], "item_profiles" [num_items, h]} for align.
+
+Like pretraining, each stage validates the backbone every epoch and stops
+early on validation Recall@20, keeping the best epoch (the authors'
+trainer does the same in every stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from face_jax.data import Dataset
+from face_jax.evaluation import prepare_ranking
+from face_jax.llm import LLM, Vocabulary, descriptor_vocabulary, load_llm
+from face_jax.llm import profile_embeddings as llm_profile_embeddings
+from face_jax.models import alignment, backbones
+from face_jax.models import face as face_lib
+from face_jax.training import checkpoints, pretrain
+from face_jax.training.loop import LoopState, fit
+from face_jax.training.negatives import NegativeSampler, epoch_batches
+from face_jax.training.optimizers import ParamGroup, grouped_adam
+from face_jax.training.step import TrainState, make_train_step
+from face_jax.training.writer import MetricWriter
+
+MAP = "map"
+ALIGN = "align"
+
+# Streams folded into the seed, so that every stage draws its own numbers.
+_FACE_INIT_STREAM = 10
+_STAGE_STREAMS = {MAP: 11, ALIGN: 12}
+
+# Parameter groups of the FACE stages (top-level keys of the params).
+BACKBONE = "backbone"
+FACE = "face"
+
+
+class FaceStageError(ValueError):
+  """A FACE stage cannot run with this config or dataset."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceParts:
+  """What every FACE stage builds before training or describing.
+
+  Attributes:
+    backbone: the CF backbone.
+    graph: its graph, on the device.
+    llm: the frozen LLM.
+    vocabulary: the descriptor vocabulary (codebook tokens).
+    model: the FACE module.
+    codebook: [v, token_dim] float32 frozen token rows of the vocabulary.
+  """
+
+  backbone: backbones.Backbone
+  graph: Any
+  llm: LLM
+  vocabulary: Vocabulary
+  model: face_lib.FACE
+  codebook: jax.Array
+
+
+def build_face_model(
+  config: ml_collections.ConfigDict, token_dim: int
+) -> face_lib.FACE:
+  """The FACE module of an experiment config for an LLM of `token_dim`."""
+  face = config.face
+  return face_lib.FACE(
+    embed_dim=config.model.embed_dim,
+    token_dim=token_dim,
+    num_words=face.num_words,
+    word_dim=face.word_dim,
+    num_heads=face.num_heads,
+    ff_dim=face.ff_dim,
+    dropout_rate=face.dropout_rate,
+    layer_norm_eps=face.layer_norm_eps,
+    projection_init=face.projection_init,
+    chunk_size=face.chunk_size,
+  )
+
+
+def load_face_parts(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  backbone: backbones.Backbone | None = None,
+  graph: Any = None,
+) -> FaceParts:
+  """Builds the backbone (unless given), loads the LLM and the codebook.
+
+  Args:
+    config: the resolved experiment config.
+    dataset: the dataset.
+    backbone: an already built backbone, with its `graph`.
+    graph: its graph (on the device).
+
+  Returns:
+    The `FaceParts`.
+
+  Raises:
+    FaceStageError: the vocabulary has fewer tokens than words per entity.
+  """
+  if backbone is None:
+    backbone, graph = backbones.build(config.model, dataset)
+    graph = jax.device_put(graph)
+  llm = load_llm(config.llm)
+  vocabulary = descriptor_vocabulary(llm.tokenizer, config.vocab)
+  if len(vocabulary) < config.face.num_words:
+    raise FaceStageError(
+      f"The descriptor vocabulary has {len(vocabulary)} tokens but every "
+      f"entity needs config.face.num_words={config.face.num_words} distinct "
+      "ones; raise config.vocab.size or lower num_words."
+    )
+  table = llm.token_table(llm.params)
+  codebook = jnp.asarray(table[jnp.asarray(vocabulary.token_ids)], jnp.float32)
+  logging.info(
+    "FACE codebook: %d tokens of %s (%d whole-word tokens before the list)",
+    len(vocabulary),
+    llm.info.name,
+    vocabulary.whole_word_tokens,
+  )
+  return FaceParts(
+    backbone=backbone,
+    graph=graph,
+    llm=llm,
+    vocabulary=vocabulary,
+    model=build_face_model(config, llm.info.hidden_size),
+    codebook=codebook,
+  )
+
+
+def param_labels(params: dict) -> dict:
+  """The group name of every leaf of {"backbone": ..., "face": ...}."""
+  return {
+    group: jax.tree.map(lambda _, group=group: group, params[group])
+    for group in (BACKBONE, FACE)
+  }
+
+
+def face_optimizer(
+  config: ml_collections.ConfigDict,
+) -> optax.GradientTransformation:
+  """Adam per group: FACE at face.learning_rate without L2; the backbone at
+  face.backbone_learning_rate with coupled L2 2 * model.reg_weight."""
+  return grouped_adam(
+    {
+      FACE: ParamGroup(config.face.learning_rate),
+      BACKBONE: ParamGroup(
+        config.face.backbone_learning_rate, 2.0 * config.model.reg_weight
+      ),
+    },
+    param_labels,
+  )
+
+
+def initial_map_state(
+  config: ml_collections.ConfigDict, parts: FaceParts, backbone_params: Any
+) -> TrainState:
+  """Step-0 state of the map stage: given backbone, fresh FACE params."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), _FACE_INIT_STREAM)
+  optimizer = face_optimizer(config)
+
+  # One compiled program rather than op-by-op dispatch of the module's
+  # forward pass and of every moment's zeros.
+  @jax.jit
+  def create(backbone_params, rng, codebook):
+    face_params = face_lib.init_params(parts.model, rng, codebook)
+    params = {BACKBONE: backbone_params, FACE: face_params}
+    return TrainState.create(params, optimizer)
+
+  return create(backbone_params, rng, parts.codebook)
+
+
+def sentence_layout(
+  llm: LLM, item_noun: str, num_words: int
+) -> alignment.SentenceLayout:
+  """Prompt, comma and frame tokens of the descriptor sentences.
+
+  The frame (leading and trailing special tokens, any instruction) is the
+  one the LLM puts around every text, so descriptor sentences and profile
+  texts are framed alike.
+  """
+  ids = alignment.sentence_token_ids(llm.tokenizer, item_noun)
+  ids = dataclasses.replace(
+    ids,
+    prefix_ids=tuple(llm.info.prefix_ids),
+    suffix_ids=tuple(llm.info.suffix_ids),
+    comma_id=llm.info.comma_id,
+    pad_id=llm.info.pad_id,
+  )
+  return ids.layout(num_words)
+
+
+def alignment_loss(
+  llm: LLM,
+  face_params: dict,
+  z_q: jax.Array,
+  batch: dict[str, jax.Array],
+  constants: dict[str, Any],
+  rng: jax.Array,
+  *,
+  llm_dropout: bool,
+  temperature: float,
+) -> jax.Array:
+  """InfoNCE of the batch's word sentences against their profiles.
+
+  Args:
+    llm: the frozen LLM (its params come from `constants["llm"]`).
+    face_params: the FACE params (for the codebook map to undo).
+    z_q: [3B, W, word_dim] straight-through quantised words of the stacked
+      (users, positives, negatives) batch.
+    batch: "user", "pos", "neg" ids, each [B].
+    constants: "llm", "layout", "user_profiles", "item_profiles".
+    rng: key of the LLM's dropout.
+    llm_dropout: keep the LLM's own dropout on.
+    temperature: InfoNCE temperature.
+
+  Returns:
+    Scalar loss.
+  """
+  codebook_map = face_params["codebook_map"]
+  words = alignment.back_to_token_space(
+    z_q, codebook_map["kernel"], codebook_map["bias"]
+  )
+  entity_type = alignment.stacked_entity_types(batch["user"].shape[0])
+  llm_params = constants["llm"]
+  sentences, mask = alignment.build_sentences(
+    words, entity_type, constants["layout"], llm.token_table(llm_params)
+  )
+  collab = llm.encode(
+    llm_params, sentences, mask, deterministic=not llm_dropout, rng=rng
+  )
+  profile = jnp.concatenate(
+    [
+      constants["user_profiles"][batch["user"]],
+      constants["item_profiles"][batch["pos"]],
+      constants["item_profiles"][batch["neg"]],
+    ]
+  )
+  return alignment.info_nce(collab, profile, temperature)
+
+
+def make_face_loss(
+  config: ml_collections.ConfigDict, parts: FaceParts, *, align: bool
+) -> Callable:
+  """(params, constants, batch, rng) -> weighted loss terms of a stage.
+
+  Terms: the backbone's ("bpr", ...), "vq", "recon", and with `align`
+  also "align".
+  """
+  face = config.face
+  llm_dropout = bool(config.llm.train_dropout)
+
+  def loss_terms(params, constants, batch, rng):
+    backbone_rng, face_rng, llm_rng = jax.random.split(rng, 3)
+    terms, embeddings = parts.backbone.losses(
+      params[BACKBONE], constants["graph"], batch, backbone_rng
+    )
+    outputs = parts.model.apply(
+      {"params": params[FACE]},
+      jnp.concatenate(embeddings),
+      constants["codebook"],
+      deterministic=False,
+      rngs={"dropout": face_rng},
+    )
+    terms = dict(terms)
+    terms["vq"] = face.vq_weight * outputs["vq_loss"]
+    terms["recon"] = face.recon_weight * outputs["recon_loss"]
+    if align:
+      terms["align"] = face.align_weight * alignment_loss(
+        parts.llm,
+        params[FACE],
+        outputs["z_q"],
+        batch,
+        constants,
+        llm_rng,
+        llm_dropout=llm_dropout,
+        temperature=face.temperature,
+      )
+    return terms
+
+  return loss_terms
+
+
+def make_stage_batches(
+  config: ml_collections.ConfigDict,
+  section: ml_collections.ConfigDict,
+  dataset: Dataset,
+  stage: str,
+) -> Callable[[int], dict[str, np.ndarray]]:
+  """epoch -> that epoch's batches of a FACE stage.
+
+  With `section.steps_per_epoch` > 0 an epoch is the first that many
+  batches of a fresh shuffle.
+  """
+  if section.steps_per_epoch < 0:
+    raise FaceStageError(
+      f"config.{stage}.steps_per_epoch={section.steps_per_epoch}; use 0 "
+      "for whole epochs or a positive number of steps."
+    )
+  sampler = NegativeSampler(dataset.train, dataset.num_users, dataset.num_items)
+  stream = _STAGE_STREAMS[stage]
+
+  def make_batches(epoch: int) -> dict[str, np.ndarray]:
+    # Seeded by epoch alone, so a resumed run draws the same epochs.
+    rng = np.random.default_rng([config.seed, stream, epoch])
+    batches = epoch_batches(dataset.train, sampler, section.batch_size, rng)
+    if section.steps_per_epoch:
+      batches = {
+        name: values[: section.steps_per_epoch]
+        for name, values in batches.items()
+      }
+    return batches
+
+  return make_batches
+
+
+def run_face_stage(
+  *,
+  stage: str,
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  parts: FaceParts,
+  state: TrainState,
+  constants: dict[str, Any],
+  stage_dir: pathlib.Path,
+  writer: MetricWriter,
+  on_epoch_end: Callable[[LoopState], None] | None,
+) -> dict[str, Any]:
+  """Trains a FACE stage to early stopping and scores its best epoch.
+
+  Returns:
+    {"valid", "test": metrics of the backbone at the best epoch, "epochs",
+    "best_epoch", "seconds_per_epoch", "steps_per_epoch",
+    "seconds_per_step", "vocabulary_size"}.
+  """
+  section = config[stage]
+  make_batches = make_stage_batches(config, section, dataset, stage)
+  score = pretrain.make_scorer(
+    parts.backbone, parts.graph, tuple(config.eval.ks)
+  )
+  valid = prepare_ranking(dataset, "valid", config.eval.batch_size)
+  train_step = make_train_step(
+    make_face_loss(config, parts, align=stage == ALIGN),
+    face_optimizer(config),
+  )
+  result = fit(
+    stage=stage,
+    state=state,
+    train_step=train_step,
+    make_batches=make_batches,
+    evaluate=lambda params: score(params[BACKBONE], valid),
+    graph=constants,
+    rng=jax.random.fold_in(jax.random.key(config.seed), _STAGE_STREAMS[stage]),
+    checkpoint_dir=stage_dir / "checkpoints",
+    writer=writer,
+    options=pretrain.fit_options(config, section),
+    on_epoch_end=on_epoch_end,
+  )
+  test = prepare_ranking(dataset, "test", config.eval.batch_size)
+  test_metrics = score(result.state.params[BACKBONE], test)
+  writer.write(stage, result.loop.best_epoch, {"test": test_metrics})
+  steps = len(next(iter(make_batches(1).values())))
+  seconds = float(np.median(result.loop.epoch_seconds))
+  return {
+    "valid": result.loop.best_metrics,
+    "test": test_metrics,
+    "epochs": result.loop.epoch,
+    "best_epoch": result.loop.best_epoch,
+    "seconds_per_epoch": seconds,
+    "steps_per_epoch": steps,
+    "seconds_per_step": seconds / steps,
+    "vocabulary_size": len(parts.vocabulary),
+  }
+
+
+def restore_face_params(
+  config: ml_collections.ConfigDict,
+  parts: FaceParts,
+  stage_dir: pathlib.Path,
+) -> dict:
+  """The best params {"backbone", "face"} of a finished FACE stage.
+
+  Raises:
+    FileNotFoundError: the stage has not finished in stage_dir.
+  """
+  result = checkpoints.read_json(stage_dir / checkpoints.RESULT_FILE)
+  if result is None:
+    raise FileNotFoundError(
+      f"No finished {stage_dir.name} stage in {stage_dir}; run the earlier "
+      "stages first (python -m face_jax.main with the same workdir)."
+    )
+  # Any params of the right structure serve as the restore target.
+  template = initial_map_state(
+    config, parts, parts.backbone.init(jax.random.key(0))
+  )
+  saved = checkpoints.EpochCheckpoints(stage_dir / "checkpoints")
+  try:
+    state, _ = saved.restore(result["best_epoch"], template)
+  finally:
+    saved.close()
+  return state.params
+
+
+def finished_face_stages(workdir: pathlib.Path) -> list[str]:
+  """The FACE stages finished in workdir, in order ("map", "align")."""
+  return [
+    stage
+    for stage in (MAP, ALIGN)
+    if (workdir / stage / checkpoints.RESULT_FILE).exists()
+  ]
+
+
+def last_face_stage(workdir: pathlib.Path) -> str | None:
+  """The latest finished FACE stage in workdir ("align", "map" or None)."""
+  finished = finished_face_stages(workdir)
+  return finished[-1] if finished else None
+
+
+def profile_targets(
+  config: ml_collections.ConfigDict,
+  llm: LLM,
+  dataset: Dataset,
+  workdir: pathlib.Path,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Cached LLM embeddings of every user and item profile.
+
+  Returns:
+    (users [num_users, h], items [num_items, h]), L2-normalised rows.
+  """
+  if not dataset.has_text:
+    raise FaceStageError(no_text_reason(dataset))
+
+  def embed(name, texts):
+    return llm_profile_embeddings(
+      llm,
+      texts,
+      workdir=workdir,
+      name=name,
+      batch_size=config.llm.batch_size,
+      max_length=config.llm.max_length,
+      progress=config.log.progress_bar,
+    )
+
+  return embed("user", dataset.user_text), embed("item", dataset.item_text)
+
+
+def no_text_reason(dataset: Dataset) -> str:
+  """Why the align stage cannot run on a dataset without profiles."""
+  return (
+    f"{dataset.name} has no user and item profiles, so the align stage "
+    "cannot run and the job stops after map; give the dataset texts "
+    "(usr_prf.pkl and itm_prf.pkl in its RLMRec folder, or prepare it with "
+    "metadata: python -m face_jax.prepare) and rerun with the same workdir."
+  )
+
+
+def align_skip_reason(
+  config: ml_collections.ConfigDict, dataset: Dataset
+) -> str | None:
+  """None when the align stage can run, else why not."""
+  del config  # Only the dataset decides.
+  return None if dataset.has_text else no_text_reason(dataset)
+
+
+def run_map(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  stage_dir: pathlib.Path,
+  writer: MetricWriter,
+  on_epoch_end: Callable[[LoopState], None] | None = None,
+) -> dict[str, Any]:
+  """The map stage: pretrained backbone + FACE, BPR + VQ + reconstruction.
+
+  Args:
+    config: the resolved experiment config.
+    dataset: the dataset.
+    stage_dir: `<workdir>/map`; the pretrain stage is `<workdir>/pretrain`.
+    writer: receives one record per epoch.
+    on_epoch_end: called with the loop's bookkeeping after every epoch.
+
+  Returns:
+    See `run_face_stage`.
+  """
+  backbone, graph, backbone_params = pretrain.restore_pretrained(
+    config, dataset, stage_dir.parent / pretrain.STAGE
+  )
+  parts = load_face_parts(config, dataset, backbone, graph)
+  return run_face_stage(
+    stage=MAP,
+    config=config,
+    dataset=dataset,
+    parts=parts,
+    state=initial_map_state(config, parts, backbone_params),
+    constants={"graph": parts.graph, "codebook": parts.codebook},
+    stage_dir=stage_dir,
+    writer=writer,
+    on_epoch_end=on_epoch_end,
+  )
+
+
+def align_constants(
+  config: ml_collections.ConfigDict,
+  parts: FaceParts,
+  dataset: Dataset,
+  workdir: pathlib.Path,
+) -> dict[str, Any]:
+  """The constants pytree of the align step (see the module docstring)."""
+  users, items = profile_targets(config, parts.llm, dataset, workdir)
+  return {
+    "graph": parts.graph,
+    "codebook": parts.codebook,
+    "llm": parts.llm.params,
+    "layout": sentence_layout(
+      parts.llm, config.data.item_noun, config.face.num_words
+    ),
+    "user_profiles": jnp.asarray(users),
+    "item_profiles": jnp.asarray(items),
+  }
+
+
+def run_align(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  stage_dir: pathlib.Path,
+  writer: MetricWriter,
+  on_epoch_end: Callable[[LoopState], None] | None = None,
+) -> dict[str, Any]:
+  """The align stage: the map stage's best state + the alignment InfoNCE.
+
+  Args:
+    config: the resolved experiment config.
+    dataset: the dataset, with user and item texts.
+    stage_dir: `<workdir>/align`; the map stage is `<workdir>/map`.
+    writer: receives one record per epoch.
+    on_epoch_end: called with the loop's bookkeeping after every epoch.
+
+  Returns:
+    See `run_face_stage`.
+
+  Raises:
+    FaceStageError: the dataset has no texts.
+  """
+  workdir = stage_dir.parent
+  parts = load_face_parts(config, dataset)
+  constants = align_constants(config, parts, dataset, workdir)
+  params = restore_face_params(config, parts, workdir / MAP)
+  return run_face_stage(
+    stage=ALIGN,
+    config=config,
+    dataset=dataset,
+    parts=parts,
+    state=TrainState.create(params, face_optimizer(config)),
+    constants=constants,
+    stage_dir=stage_dir,
+    writer=writer,
+    on_epoch_end=on_epoch_end,
+  )

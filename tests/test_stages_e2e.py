@@ -1,0 +1,130 @@
+"""The whole job on a tiny config: every stage, a stop mid-stage, resume.
+
+One uninterrupted run is compared with a run stopped after the first
+align epoch and started again in the same workdir: the second start skips
+pretrain and map, resumes align at its second epoch and ends with the same
+results and descriptors.
+
+The three runs compile the same programs, so the test lets them share JAX's
+persistent compilation cache (in a temporary folder) rather than compile
+everything three times.
+"""
+
+import dataclasses
+import json
+
+import jax
+import pytest
+from _face_fixtures import text_dataset, tiny_config, write_tiny_bert
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+from face_jax import descriptors, train
+from face_jax.training import face_stages
+
+
+class _StopError(Exception):
+  """Raised from an epoch callback to stop a run as a crash would."""
+
+
+def _stopping_after_first_epoch(stage: train.Stage) -> train.Stage:
+  def on_epoch_end(loop):
+    raise _StopError(f"{stage.name} epoch {loop.epoch}")
+
+  def run(config, dataset, stage_dir, writer):
+    return stage.run(config, dataset, stage_dir, writer, on_epoch_end)
+
+  return dataclasses.replace(stage, run=run)
+
+
+def _comparable(results):
+  """Results without wall-clock times."""
+
+  def strip(value):
+    if isinstance(value, dict):
+      return {
+        key: strip(inner)
+        for key, inner in value.items()
+        if "seconds" not in key
+      }
+    return value
+
+  return strip(results)
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """JAX's persistent compilation cache in tmp_path for one test."""
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  saved = {name: getattr(jax.config, name) for name in names}
+  values = (str(tmp_path / "xla_cache"), 0.0, 0)
+  for name, value in zip(names, values, strict=True):
+    jax.config.update(name, value)
+  # The cache reads its settings once; start it afresh with these.
+  cc.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+  return tiny_config(write_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def test_job_runs_every_stage_and_resumes_after_a_stop(
+  config, tmp_path, compilation_cache
+):
+  dataset = text_dataset()
+  reference = train.train_and_evaluate(config, tmp_path / "reference", dataset)
+  assert list(reference) == list(train.STAGE_NAMES)
+  assert reference["align"]["epochs"] == config.align.max_epochs
+  final = reference["final"]
+  assert final["after"] == "align"
+  assert set(final["stages"]) == {"pretrain", "map", "align"}
+  for split in ("valid", "test"):
+    assert final["stages"]["map"][split] == reference["map"][split]
+  retrieval = reference["descriptors"]["retrieval"]
+  assert set(retrieval) == {"map", "align", "random"}
+  for scores in retrieval.values():
+    assert scores["user"]["entities"] == dataset.num_users
+    assert 0.0 <= scores["item"]["top1"] <= scores["item"]["top10"] <= 1.0
+
+  workdir = tmp_path / "resumed"
+  stages = [
+    _stopping_after_first_epoch(stage) if stage.name == "align" else stage
+    for stage in train.STAGES
+  ]
+  with pytest.raises(_StopError, match="align epoch 1"):
+    train.run_stages(config, dataset, workdir, stages)
+  assert not (workdir / "align" / "result.json").exists()
+  map_checkpoints = sorted((workdir / "map" / "checkpoints").iterdir())
+
+  resumed = train.train_and_evaluate(config, workdir, dataset)
+  assert _comparable(resumed) == _comparable(reference)
+  assert sorted((workdir / "map" / "checkpoints").iterdir()) == map_checkpoints
+  epochs = [
+    (record["stage"], record["epoch"])
+    for record in map(
+      json.loads, (workdir / "metrics.jsonl").read_text().splitlines()
+    )
+    if "train" in record
+  ]
+  # Every epoch trained once: the second start ran align's epoch 2 only.
+  assert sorted(epochs) == sorted(set(epochs))
+  assert epochs[-1] == ("align", 2)
+  assert json.loads((workdir / "metrics.json").read_text()) == resumed
+  for name in (descriptors.JSONL_FILE, descriptors.TSV_FILE):
+    expected = tmp_path / "reference" / "descriptors" / name
+    exported = workdir / "descriptors" / name
+    assert exported.read_text() == expected.read_text()
+  lines = (workdir / "descriptors" / descriptors.JSONL_FILE).read_text()
+  records = [json.loads(line) for line in lines.splitlines()]
+  assert len(records) == dataset.num_users + dataset.num_items
+  assert records[0]["text"] == dataset.user_text[0]
+  assert len(records[-1]["words"]) == config.face.num_words
+  assert face_stages.last_face_stage(workdir) == "align"
