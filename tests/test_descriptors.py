@@ -6,12 +6,24 @@ import json
 import jax
 import numpy as np
 import pytest
-from _face_fixtures import text_dataset, tiny_config, write_tiny_bert
+from _face_fixtures import (
+  cache_folder,
+  shared_compilation_cache,
+  text_dataset,
+  tiny_config,
+  write_tiny_bert,
+)
 
 from face_jax import descriptors
 from face_jax.models import alignment
 from face_jax.models import face as face_lib
 from face_jax.training import face_stages
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  with shared_compilation_cache(cache_folder(tmp_path_factory)):
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +102,7 @@ def test_sentence_ids_spell_the_prompt_and_words(config, parts):
       )
 
 
-def test_describe_all_matches_the_module_and_ignores_batching(config, parts):
+def test_describe_all_matches_the_module_in_one_call(config, parts):
   params = face_stages.initial_map_state(
     config, parts, parts.backbone.init(jax.random.key(1))
   ).params
@@ -98,21 +110,22 @@ def test_describe_all_matches_the_module_and_ignores_batching(config, parts):
   params["face"]["projection"]["kernel"] = (
     params["face"]["projection"]["kernel"] * 300.0
   )
-  small = descriptors.describe_all(parts, params, batch_size=5)
-  large = descriptors.describe_all(parts, params, batch_size=100)
+  # Batches of 7 leave a padded last batch for both tables.
+  batched = descriptors.describe_all(parts, params, batch_size=7)
   users, items = parts.backbone.embed(params["backbone"], parts.graph)
+  direct = parts.model.apply(
+    {"params": params["face"]},
+    np.concatenate([users, items]),
+    parts.codebook,
+    method=face_lib.FACE.describe,
+  )
+  np.testing.assert_array_equal(
+    np.concatenate([batched["user"], batched["item"]]), direct
+  )
   for kind, table in (("user", users), ("item", items)):
-    np.testing.assert_array_equal(small[kind], large[kind])
-    direct = parts.model.apply(
-      {"params": params["face"]},
-      table,
-      parts.codebook,
-      method=face_lib.FACE.describe,
-    )
-    np.testing.assert_array_equal(small[kind], direct)
-    assert small[kind].shape == (len(table), config.face.num_words)
-    assert all(len(set(row)) == config.face.num_words for row in small[kind])
-  assert len({tuple(row) for row in small["user"]}) > 1
+    assert batched[kind].shape == (len(table), config.face.num_words)
+    assert all(len(set(row)) == config.face.num_words for row in batched[kind])
+  assert len({tuple(row) for row in batched["user"]}) > 1
 
 
 @pytest.mark.parametrize("with_text", [True, False])

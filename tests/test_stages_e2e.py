@@ -6,20 +6,25 @@ pretrain and map, resumes align at its second epoch and ends with the same
 results and descriptors.
 
 The three runs compile the same programs, so the test lets them share JAX's
-persistent compilation cache (in a temporary folder) rather than compile
-everything three times.
+persistent compilation cache (in a temporary folder) with the other FACE
+tests rather than compile everything again.
 """
 
 import dataclasses
 import json
 
-import jax
 import pytest
-from _face_fixtures import text_dataset, tiny_config, write_tiny_bert
-from jax.experimental.compilation_cache import compilation_cache as cc
+from _face_fixtures import (
+  cache_folder,
+  shared_compilation_cache,
+  text_dataset,
+  tiny_config,
+  write_tiny_bert,
+)
 
 from face_jax import descriptors, train
 from face_jax.training import face_stages
+from face_jax.training.step import make_train_step
 
 
 class _StopError(Exception):
@@ -51,24 +56,10 @@ def _comparable(results):
   return strip(results)
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """JAX's persistent compilation cache in tmp_path for one test."""
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  values = (str(tmp_path / "xla_cache"), 0.0, 0)
-  for name, value in zip(names, values, strict=True):
-    jax.config.update(name, value)
-  # The cache reads its settings once; start it afresh with these.
-  cc.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  with shared_compilation_cache(cache_folder(tmp_path_factory)):
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +68,29 @@ def config(tmp_path_factory):
 
 
 def test_job_runs_every_stage_and_resumes_after_a_stop(
-  config, tmp_path, compilation_cache
+  config, tmp_path, monkeypatch
 ):
   dataset = text_dataset()
+  steps = []
+
+  def recording_make_train_step(*args):
+    steps.append(make_train_step(*args))
+    return steps[-1]
+
+  monkeypatch.setattr(face_stages, "make_train_step", recording_make_train_step)
   reference = train.train_and_evaluate(config, tmp_path / "reference", dataset)
+  # The map and align steps each compiled once for all their steps.
+  assert [step._cache_size() for step in steps] == [1, 1]
+  terms = {
+    record["stage"]: set(record["train"])
+    for record in map(
+      json.loads,
+      (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines(),
+    )
+    if "train" in record
+  }
+  assert terms["map"] == {"loss", "bpr", "vq", "recon"}
+  assert terms["align"] == {"loss", "bpr", "vq", "recon", "align"}
   assert list(reference) == list(train.STAGE_NAMES)
   assert reference["align"]["epochs"] == config.align.max_epochs
   final = reference["final"]

@@ -1,4 +1,8 @@
-"""The map and align stages: steps, loss wiring, optimiser groups, batches."""
+"""The map and align stages: loss wiring, optimiser groups, batches.
+
+That each stage's jitted step compiles once across steps is checked on the
+steps of a real run, in test_stages_e2e.py.
+"""
 
 import copy
 
@@ -7,11 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _face_fixtures import text_dataset, tiny_config, write_tiny_bert
+from _face_fixtures import (
+  cache_folder,
+  shared_compilation_cache,
+  text_dataset,
+  tiny_config,
+  write_tiny_bert,
+)
 
 from face_jax.models import alignment
 from face_jax.training import face_stages
-from face_jax.training.step import make_train_step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  with shared_compilation_cache(cache_folder(tmp_path_factory)):
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -50,39 +65,6 @@ _alignment_loss = jax.jit(
 def _state(config, parts):
   backbone_params = parts.backbone.init(jax.random.key(3))
   return face_stages.initial_map_state(config, parts, backbone_params)
-
-
-@pytest.mark.parametrize("stage", [face_stages.MAP, face_stages.ALIGN])
-def test_stage_step_compiles_once_and_trains_both_groups(
-  stage, config, parts, dataset, constants
-):
-  align = stage == face_stages.ALIGN
-  step = make_train_step(
-    face_stages.make_face_loss(config, parts, align=align),
-    face_stages.face_optimizer(config),
-  )
-  batches = face_stages.make_stage_batches(
-    config, config[stage], dataset, stage
-  )(1)
-  state = _state(config, parts)
-  before = jax.tree.map(np.asarray, state.params)
-  for index in range(3):
-    batch = {name: values[index] for name, values in batches.items()}
-    state, metrics = step(state, batch, constants, jax.random.key(0))
-  assert step._cache_size() == 1
-  expected = {"loss", "bpr", "vq", "recon"} | ({"align"} if align else set())
-  assert set(metrics) == expected
-  terms = sum(value for name, value in metrics.items() if name != "loss")
-  np.testing.assert_allclose(metrics["loss"], terms, rtol=1e-6)
-  assert all(np.isfinite(float(value)) for value in metrics.values())
-  assert int(state.step) == 3
-  for group in (face_stages.BACKBONE, face_stages.FACE):
-    changed = jax.tree.map(
-      lambda old, new: not np.array_equal(old, new),
-      before[group],
-      jax.tree.map(np.asarray, state.params[group]),
-    )
-    assert all(jax.tree.leaves(changed)), group
 
 
 def _torch_adam_step(param, grad, lr, weight_decay, state):

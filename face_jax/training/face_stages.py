@@ -196,6 +196,18 @@ def initial_map_state(
   return create(backbone_params, rng, parts.codebook)
 
 
+def fresh_state(config: ml_collections.ConfigDict, params: dict) -> TrainState:
+  """A step-0 state of `params` with a fresh optimiser state.
+
+  Made by a jitted function so that every leaf is placed like the params
+  (restored params are committed to their devices; eagerly created moment
+  counters would not be, and the train step would compile a second time
+  once its own outputs, all committed, come back as inputs).
+  """
+  optimizer = face_optimizer(config)
+  return jax.jit(lambda params: TrainState.create(params, optimizer))(params)
+
+
 def sentence_layout(
   llm: LLM, item_noun: str, num_words: int
 ) -> alignment.SentenceLayout:
@@ -340,6 +352,21 @@ def make_stage_batches(
   return make_batches
 
 
+def stage_rng(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
+  """Base key of a FACE stage's steps, of the config's PRNG implementation.
+
+  Raises:
+    FaceStageError: config.face.rng_impl is not a JAX PRNG implementation.
+  """
+  try:
+    key = jax.random.key(config.seed, impl=config.face.rng_impl)
+  except ValueError as error:
+    raise FaceStageError(
+      f"config.face.rng_impl={config.face.rng_impl!r}: {error}"
+    ) from error
+  return jax.random.fold_in(key, _STAGE_STREAMS[stage])
+
+
 def run_face_stage(
   *,
   stage: str,
@@ -376,7 +403,7 @@ def run_face_stage(
     make_batches=make_batches,
     evaluate=lambda params: score(params[BACKBONE], valid),
     graph=constants,
-    rng=jax.random.fold_in(jax.random.key(config.seed), _STAGE_STREAMS[stage]),
+    rng=stage_rng(config, stage),
     checkpoint_dir=stage_dir / "checkpoints",
     writer=writer,
     options=pretrain.fit_options(config, section),
@@ -575,7 +602,7 @@ def run_align(
     config=config,
     dataset=dataset,
     parts=parts,
-    state=TrainState.create(params, face_optimizer(config)),
+    state=fresh_state(config, params),
     constants=constants,
     stage_dir=stage_dir,
     writer=writer,
