@@ -244,6 +244,43 @@ def test_llm_dropout_follows_the_config(config, parts, constants):
   assert loss(True, 0) != loss(False, 0)
 
 
+@pytest.mark.parametrize("chunk", [0, 2, 4, 5, 6])
+def test_chunked_encoding_matches_one_call_in_value_and_gradient(parts, chunk):
+  # 5 sentences: chunk 2 pads one row, chunk 5 is one call, 6 is not
+  # chunked at all; each must give the one-call values and gradients.
+  llm = parts.llm
+  hidden = llm.info.hidden_size
+  sentences = jax.random.normal(jax.random.key(5), (5, 7, hidden))
+  mask = jnp.ones((5, 7), jnp.int32).at[1, 5:].set(0).at[3, 2:].set(0)
+  weights = jax.random.normal(jax.random.key(6), (5, hidden))
+
+  def objective(inputs, chunk):
+    encoded = face_stages.encode_sentences(
+      llm,
+      llm.params,
+      inputs,
+      mask,
+      jax.random.key(0),
+      llm_dropout=False,
+      chunk=chunk,
+    )
+    return jnp.sum(encoded * weights), encoded
+
+  grad = jax.jit(jax.grad(objective, has_aux=True), static_argnums=1)
+  expected_grad, expected = grad(sentences, 0)
+  got_grad, got = grad(sentences, chunk)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
+  assert np.all(np.abs(expected_grad[1, 5:]) == 0)
+
+
+def test_negative_llm_chunk_is_refused(config, parts):
+  bad = copy.deepcopy(config)
+  bad.align.llm_chunk = -1
+  with pytest.raises(face_stages.FaceStageError, match="llm_chunk=-1"):
+    face_stages.make_face_loss(bad, parts, align=True)
+
+
 def test_stage_batches_are_seeded_by_epoch_and_capped(config, dataset):
   make = face_stages.make_stage_batches(
     config, config.align, dataset, face_stages.ALIGN

@@ -228,6 +228,69 @@ def sentence_layout(
   return ids.layout(num_words)
 
 
+def encode_sentences(
+  llm: LLM,
+  llm_params: Any,
+  sentences: jax.Array,
+  mask: jax.Array,
+  rng: jax.Array,
+  *,
+  llm_dropout: bool,
+  chunk: int = 0,
+) -> jax.Array:
+  """The frozen LLM's pooled embeddings of sentences, differentiable.
+
+  With 0 < chunk < n the sentences go through the LLM `chunk` at a time
+  under `jax.checkpoint`: the backward pass recomputes one chunk's
+  activations at a time instead of keeping all of them, which bounds the
+  memory of the align step (all activations of 3B sentences otherwise) for
+  one more forward pass of the LLM. Each chunk draws its own dropout.
+
+  Args:
+    llm: the frozen LLM.
+    llm_params: its params.
+    sentences: [n, T, h] input embeddings.
+    mask: [n, T] attention mask.
+    rng: key of the LLM's dropout.
+    llm_dropout: keep the LLM's own dropout on.
+    chunk: sentences per LLM call; 0 for all at once.
+
+  Returns:
+    [n, h] L2-normalised embeddings.
+  """
+  count = sentences.shape[0]
+  deterministic = not llm_dropout
+  if not 0 < chunk < count:
+    return llm.encode(
+      llm_params, sentences, mask, deterministic=deterministic, rng=rng
+    )
+  steps = -(-count // chunk)
+  padding = steps * chunk - count
+  # Padding rows have an empty mask; their (zero) outputs are dropped.
+  sentences = jnp.pad(sentences, ((0, padding), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, padding), (0, 0)))
+
+  @jax.checkpoint
+  def encode_chunk(params, chunk_sentences, chunk_mask, chunk_rng):
+    return llm.encode(
+      params,
+      chunk_sentences,
+      chunk_mask,
+      deterministic=deterministic,
+      rng=chunk_rng,
+    )
+
+  encoded = jax.lax.map(
+    lambda xs: encode_chunk(llm_params, *xs),
+    (
+      sentences.reshape(steps, chunk, *sentences.shape[1:]),
+      mask.reshape(steps, chunk, mask.shape[1]),
+      jax.random.split(rng, steps),
+    ),
+  )
+  return encoded.reshape(steps * chunk, -1)[:count]
+
+
 def alignment_loss(
   llm: LLM,
   face_params: dict,
@@ -238,6 +301,7 @@ def alignment_loss(
   *,
   llm_dropout: bool,
   temperature: float,
+  chunk: int = 0,
 ) -> jax.Array:
   """InfoNCE of the batch's word sentences against their profiles.
 
@@ -251,6 +315,7 @@ def alignment_loss(
     rng: key of the LLM's dropout.
     llm_dropout: keep the LLM's own dropout on.
     temperature: InfoNCE temperature.
+    chunk: sentences per LLM call (see `encode_sentences`).
 
   Returns:
     Scalar loss.
@@ -264,8 +329,14 @@ def alignment_loss(
   sentences, mask = alignment.build_sentences(
     words, entity_type, constants["layout"], llm.token_table(llm_params)
   )
-  collab = llm.encode(
-    llm_params, sentences, mask, deterministic=not llm_dropout, rng=rng
+  collab = encode_sentences(
+    llm,
+    llm_params,
+    sentences,
+    mask,
+    rng,
+    llm_dropout=llm_dropout,
+    chunk=chunk,
   )
   profile = jnp.concatenate(
     [
@@ -287,6 +358,11 @@ def make_face_loss(
   """
   face = config.face
   llm_dropout = bool(config.llm.train_dropout)
+  if align and config.align.llm_chunk < 0:
+    raise FaceStageError(
+      f"config.align.llm_chunk={config.align.llm_chunk}; use 0 to encode "
+      "all sentences at once or a positive number of sentences per call."
+    )
 
   def loss_terms(params, constants, batch, rng):
     backbone_rng, face_rng, llm_rng = jax.random.split(rng, 3)
@@ -313,6 +389,7 @@ def make_face_loss(
         llm_rng,
         llm_dropout=llm_dropout,
         temperature=face.temperature,
+        chunk=config.align.llm_chunk,
       )
     return terms
 
