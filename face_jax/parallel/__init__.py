@@ -39,6 +39,7 @@ from face_jax.parallel.search import (
   NO_INDEX,
   merge_candidates,
   sharded_top_w,
+  vocab_top_w,
 )
 from face_jax.parallel.sharding import (
   abstract_target,
@@ -82,5 +83,6 @@ __all__ = [
   "sharding_by_path",
   "tree_shardings",
   "use_mesh",
+  "vocab_top_w",
   "with_logical_constraint",
 ]
