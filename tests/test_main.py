@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from absl import flags
+from absl import logging as absl_logging
 
 import configs
 import face_jax.data
@@ -50,11 +51,15 @@ def parsed_flags(monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     flags.FLAGS(argv)
 
+  level = absl_logging.get_absl_logger().level
   yield parse
   flags.FLAGS.unparse_flags()
   for name in list(flags.FLAGS):
     if name.startswith("config."):
       delattr(flags.FLAGS, name)
+  # Unparsing resets --verbosity, which sets the absl logger to WARNING;
+  # later tests that capture INFO logs need the level from before.
+  absl_logging.get_absl_logger().setLevel(level)
 
 
 def test_default_config_ships_with_the_package():
