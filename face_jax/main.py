@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from face_jax import train
+from face_jax import parallel, train
 from face_jax.training import writer
 
 # The default config ships inside the installed `configs` package, so the
@@ -36,8 +36,11 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  writer.quiet_checkpoint_logs()
   config = _CONFIG.value
+  # Joins the other hosts' processes before anything touches a device.
+  parallel.maybe_initialize(config.mesh)
+  parallel.quiet_other_processes()
+  writer.quiet_checkpoint_logs()
   workdir = _WORKDIR.value or str(pathlib.Path("workdirs", config.data.name))
   results = train.train_and_evaluate(config, workdir)
   logging.info("Results: %s", results)

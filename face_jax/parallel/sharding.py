@@ -30,8 +30,10 @@ LogicalTree = PyTree | Callable[[PyTree], PyTree]
 
 def is_logical_axes(x: Any) -> bool:
   """Whether `x` is a leaf of a logical-axes tree (a tuple of names)."""
+  # Exactly a tuple: named tuples are tree nodes (optax's EmptyState is an
+  # empty one).
   return x is None or (
-    isinstance(x, tuple)
+    type(x) is tuple
     and all(isinstance(name, str) or name is None for name in x)
   )
 
