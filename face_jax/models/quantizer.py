@@ -126,6 +126,8 @@ def top_w_candidates(
   z = lax.stop_gradient(z)
   codebook = lax.stop_gradient(codebook)
   vocab = codebook.shape[0]
+  # A shard smaller than a chunk is one chunk of its own size.
+  chunk = min(chunk, max(vocab, 1))
   num_chunks = -(-vocab // chunk)
   padded = jnp.pad(codebook, ((0, num_chunks * chunk - vocab), (0, 0)))
   chunks = padded.reshape(num_chunks, chunk, codebook.shape[-1])
