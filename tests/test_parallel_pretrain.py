@@ -1,7 +1,13 @@
 """The pretrain stage on device meshes: one step, padding, checkpoints."""
 
 import functools
+import json
 import logging
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import _step_parity
 import jax
@@ -213,3 +219,93 @@ def test_metric_writer_writes_on_process_0_only(tmp_path, monkeypatch):
   writer = MetricWriter(tmp_path / "main", tensorboard=False)
   writer.write("pretrain", 1, {"train": {"loss": 1.0}})
   assert writer.path.read_text().count("\n") == 1
+
+
+# One process of a 2-process job with 2 CPU devices each: the pretrain
+# stage's first step on two meshes, (2, 2) (the batch split across the
+# processes) and (1, 4) (the tables split across them), each followed by a
+# sharded checkpoint that both processes write and read back.
+_WORKER = """
+import json, pathlib, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from configs import tiny
+from face_jax import parallel, train
+from face_jax.training import checkpoints, pretrain
+import test_parallel_pretrain as shared
+
+results = []
+for shape in [(2, 2), (1, 4)]:
+  config = tiny.get_config()
+  config.model.backbone = "lightgcn"
+  config.mesh.shape = shape
+  config.mesh.distributed = True
+  config.mesh.coordinator_address = sys.argv[1]
+  config.mesh.num_processes = 2
+  config.mesh.process_id = int(sys.argv[2])
+  config = train.resolve_config(config)
+  parallel.maybe_initialize(config.mesh)
+  setup = pretrain.setup_pretraining(config, shared.DATASET)
+  batch = {name: values[0] for name, values in setup.make_batches(1).items()}
+  state, metrics = setup.train_step(setup.state, batch, setup.graph, setup.rng)
+  folder = pathlib.Path(sys.argv[3]) / "x".join(map(str, shape))
+  saved = checkpoints.EpochCheckpoints(folder, async_save=False)
+  saved.save(1, state, {"epoch": 1}, improved=True)
+  restored, _ = saved.restore(1, state)
+  saved.close()
+  before = state.params["user"].addressable_shards
+  after = restored.params["user"].addressable_shards
+  results.append({
+    "loss": float(metrics["loss"]),
+    "rows": restored.params["user"].shape[0],
+    "local_rows": sorted({s.index[0].start for s in after}),
+    "same": all(
+      np.array_equal(a.data, b.data) for a, b in zip(before, after)
+    ),
+  })
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_single_device_step(tmp_path):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(root),
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    address = f"localhost:{sock.getsockname()[1]}"
+  workers = [
+    subprocess.Popen(
+      [sys.executable, "-c", _WORKER, address, str(process), str(tmp_path)],
+      cwd=root,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for process in (0, 1)
+  ]
+  outputs = []
+  for worker in workers:
+    stdout, stderr = worker.communicate(timeout=300)
+    assert worker.returncode == 0, stderr[-3000:]
+    outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+  reference = _parity("lightgcn")[(1, 1)]
+  for process, results in enumerate(outputs):
+    by_mesh = dict(zip(["2x2", "1x4"], results, strict=True))
+    for result in results:
+      np.testing.assert_allclose(
+        result["loss"], reference.metrics["loss"], rtol=1e-5
+      )
+      assert result["same"]
+    # (2, 2): each process holds both row halves of the 42-row table.
+    assert by_mesh["2x2"]["rows"] == 42
+    assert by_mesh["2x2"]["local_rows"] == [0, 21]
+    # (1, 4): 44 rows in four 11-row shards, two on each process.
+    assert by_mesh["1x4"]["rows"] == 44
+    assert by_mesh["1x4"]["local_rows"] == [[0, 11], [22, 33]][process]

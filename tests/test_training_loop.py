@@ -182,7 +182,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path):
   # The step is compiled ahead of time for a fresh state's layout and
   # refuses any other, so the resumed epochs ran on restored arrays laid
   # out like a fresh state.
-  assert isinstance(train_step, jax.stages.Compiled)
+  assert isinstance(train_step.compiled, jax.stages.Compiled)
   # A run that had already stopped only restores its best epoch.
   epochs_run.clear()
   again, _ = _fit_pretrain(

@@ -40,6 +40,7 @@ from face_jax.training.optimizers import adam_coupled_l2
 from face_jax.training.step import (
   StepLayout,
   TrainState,
+  compile_train_step,
   make_train_step,
   sharded_train_state,
   state_logical_axes,
@@ -205,7 +206,7 @@ def setup_pretraining(
   )
   # Graph arrays go to the devices once, not with every step.
   graph = layout.place(graph)
-  rng = jax.device_put(
+  rng = parallel.place_global(
     jax.random.fold_in(jax.random.key(config.seed), 1), layout.replicated
   )
 
@@ -222,9 +223,10 @@ def setup_pretraining(
       dataset.train, sampler, config.pretrain.batch_size, epoch_rng
     )
 
-  train_step = parallel.compile_and_log(
+  train_step = compile_train_step(
     make_train_step(loss_terms, optimizer, layout),
     f"{STAGE} step ({backbone.name}, mesh {dict(mesh.shape)})",
+    layout,
     state,
     batch,
     graph,
@@ -328,7 +330,7 @@ def restore_pretrained(
     state, _ = saved.restore(result["best_epoch"], target)
   finally:
     saved.close()
-  graph = jax.device_put(graph, parallel.named_sharding(mesh, (), ()))
+  graph = parallel.place_global(graph, parallel.named_sharding(mesh, (), ()))
   return backbone, graph, state.params
 
 

@@ -3,22 +3,26 @@
 On a device mesh, a `StepLayout` says where the step's arguments live:
 the state by the logical axes of its parameters (optimiser moments follow
 their parameters, counters are replicated), the batch by its own logical
-axes ("batch" for the examples), constants such as the graph replicated.
-A stage builds it like this:
+axes ("batch" for the examples), the constants argument (graph, frozen
+tables) replicated unless given shardings. A stage builds it like this:
 
     params_axes = functools.partial(
       parallel.logical_axes_by_path, table=PARAMS_AXES_TABLE
     )
-    state = sharded_train_state(init, optimizer, rng, mesh, rules,
+    state = sharded_train_state(init, optimizer, init_rng, mesh, rules,
                                 params_axes)        # born sharded
     layout = step_layout(mesh, rules, state, optimizer, params_axes,
-                         batch_spec, batch_axes)
-    step = make_train_step(loss_fn, optimizer, layout)
-    step = parallel.compile_and_log(step, "map step", state, batch_spec,
-                                    layout.place(graph), rng)
+                         batch_spec, batch_axes, constants_shardings)
+    constants = layout.place(constants)             # once, not per step
+    rng = parallel.place_global(rng, layout.replicated)
+    step = compile_train_step(
+      make_train_step(loss_fn, optimizer, layout), "map step", layout,
+      state, batch_spec, constants, rng)
 
-`compile_and_log` logs the step's per-device memory before training and
-returns the compiled program, which then runs every step.
+`compile_train_step` logs the step's per-device memory before training and
+returns the compiled program, which then runs every step; it splits host
+batches as the layout says (device arrays must already have its
+shardings).
 """
 
 from __future__ import annotations
@@ -169,8 +173,21 @@ class StepLayout:
     return NamedSharding(self.mesh, PartitionSpec())
 
   def place(self, graph: Any) -> Any:
-    """The constants argument on its devices (once, not every step)."""
-    return jax.device_put(graph, self.graph)
+    """The constants argument on its devices, once.
+
+    Every process passes the same value (`parallel.place_global`).
+    """
+    return parallel.place_global(graph, self.graph)
+
+  def place_batch(self, batch: Any) -> Any:
+    """A host batch as global arrays split as the layout says.
+
+    Every process passes the same global batch (drawn from the same seed)
+    and transfers only the slices its own devices hold, which is also
+    what a multi-process job needs: jit refuses host arrays for inputs
+    split across processes.
+    """
+    return parallel.place_global(batch, self.batch)
 
 
 def step_layout(
@@ -209,6 +226,49 @@ def step_layout(
     batch=parallel.tree_shardings(mesh, rules, batch_axes, batch),
     graph=graph,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """A train step compiled for a layout; host batches are placed first.
+
+  Attributes:
+    compiled: the `jax.stages.Compiled` program.
+    layout: where its arguments live.
+  """
+
+  compiled: Any
+  layout: StepLayout
+
+  def __call__(self, state: TrainState, batch, graph, rng):
+    return self.compiled(state, self.layout.place_batch(batch), graph, rng)
+
+
+def compile_train_step(
+  step: TrainStep,
+  name: str,
+  layout: StepLayout,
+  state: TrainState,
+  batch: Any,
+  graph: Any,
+  rng: jax.Array,
+) -> CompiledStep:
+  """Compiles a laid-out step ahead of time and logs its memory per device.
+
+  Args:
+    step: `make_train_step(..., layout)`.
+    name: what the step is, for the log line ("pretrain step").
+    layout: the layout it was made with.
+    state: the train state (arrays or ShapeDtypeStructs).
+    batch: one batch or its ShapeDtypeStructs.
+    graph: the constants argument, placed by `layout.place`.
+    rng: the base rng, replicated.
+
+  Returns:
+    The CompiledStep; it runs every step without compiling again.
+  """
+  compiled = parallel.compile_and_log(step, name, state, batch, graph, rng)
+  return CompiledStep(compiled, layout)
 
 
 def make_train_step(
