@@ -16,10 +16,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from face_jax import train
+from face_jax import parallel, train
 from face_jax.data import Dataset
 from face_jax.models import backbones
-from face_jax.training import checkpoints, pretrain
+from face_jax.training import (
+  adam_coupled_l2,
+  checkpoints,
+  pretrain,
+  sharded_train_state,
+)
 from face_jax.training.writer import MetricWriter
 
 # 41 users and 30 items: no model axis of 2, 4 or 8 divides both, so the
@@ -129,6 +134,36 @@ def test_padded_tables_change_no_value(backbone):
   assert users.shape == (NUM_USERS, 8) and items.shape == (NUM_ITEMS, 8)
 
 
+def test_state_around_given_params_is_born_sharded():
+  # A later stage's state: restored backbone tables passed in as they are,
+  # fresh parameters drawn beside them; moments follow their parameters.
+  mesh = _step_parity.make_mesh((2, 4))
+  rules = _config("mf").mesh.rules
+  table = parallel.place_global(
+    np.arange(48.0).reshape(12, 4),
+    parallel.named_sharding(mesh, rules, ("users", "embed"), (12, 4)),
+  )
+
+  def init(rng, user):
+    return {"backbone": {"user": user}, "face": jax.random.normal(rng, (3,))}
+
+  optimizer = adam_coupled_l2(0.1)
+  axes = functools.partial(
+    parallel.logical_axes_by_path,
+    table=(("backbone/user", ("users", "embed")), (".*", None)),
+  )
+  state = sharded_train_state(
+    init, optimizer, jax.random.key(0), mesh, rules, axes, table
+  )
+  user = state.params["backbone"]["user"]
+  np.testing.assert_array_equal(user, np.arange(48.0).reshape(12, 4))
+  assert user.sharding.spec == P("model", None)
+  moment = state.opt_state[1].mu["backbone"]["user"]
+  assert moment.sharding == user.sharding
+  assert state.params["face"].sharding.spec == P()
+  assert state.step.sharding.spec == P()
+
+
 def test_propagation_follows_the_table_layout(caplog):
   assert pretrain.propagation_for("auto", (1, 1)) == "auto"
   assert pretrain.propagation_for("auto", (1, 4)) == "segment_sum"
@@ -231,7 +266,12 @@ import jax, numpy as np
 sys.path.insert(0, "tests")
 from configs import tiny
 from face_jax import parallel, train
-from face_jax.training import checkpoints, pretrain
+from face_jax.training import (
+  adam_coupled_l2,
+  checkpoints,
+  pretrain,
+  sharded_train_state,
+)
 import test_parallel_pretrain as shared
 
 results = []

@@ -109,37 +109,42 @@ def state_logical_axes(
 
 
 def sharded_train_state(
-  init_params: Callable[[jax.Array], Any],
+  init_params: Callable[..., Any],
   optimizer: optax.GradientTransformation,
   rng: jax.Array,
   mesh: Mesh,
   rules: parallel.Rules,
   params_axes: LogicalTree,
+  *args: Any,
 ) -> TrainState:
-  """`TrainState.create(init_params(rng), optimizer)`, born sharded.
+  """`TrainState.create(init_params(rng, *args), optimizer)`, born sharded.
 
   Shapes come from `jax.eval_shape`, shardings from the rules, and the init
-  runs jitted with those out_shardings (`face_jax.parallel.sharded_init`),
-  so no device ever holds a whole sharded table or moment.
+  runs jitted with those out_shardings, so no device ever holds a whole
+  sharded table or moment. Arrays that go into the params as they are (a
+  restored backbone) are passed in `args`, not closed over, so that they
+  stay arguments instead of becoming constants of the program.
 
   Args:
-    init_params: rng -> params.
+    init_params: (rng, *args) -> params.
     optimizer: the optax transformation.
     rng: PRNG key of the init.
     mesh: the device mesh.
     rules: logical-to-mesh rules.
     params_axes: logical axes of the params (tree or function of them).
+    *args: further arguments of `init_params` (global arrays).
 
   Returns:
     The step-0 state on `mesh`.
   """
 
-  def init(rng):
-    return TrainState.create(init_params(rng), optimizer)
+  def init(rng, *args):
+    return TrainState.create(init_params(rng, *args), optimizer)
 
-  shapes = jax.eval_shape(init, rng)
+  shapes = jax.eval_shape(init, rng, *args)
   logical = state_logical_axes(shapes, optimizer, params_axes)
-  return parallel.sharded_init(init, rng, mesh, rules, logical)
+  shardings = parallel.tree_shardings(mesh, rules, logical, shapes)
+  return jax.jit(init, out_shardings=shardings)(rng, *args)
 
 
 @dataclasses.dataclass(frozen=True)
