@@ -3,7 +3,9 @@
   python benchmarks/render_results.py
 
 One table per stage, one row per run (sorted by dataset, model, date), then
-the command of every row.
+the command of every row. Ranking runs (with "metrics") get the metric
+columns; stages listed in `_COLUMNS` get theirs; any other stage a column
+per field of its rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,37 @@ import pathlib
 _HERE = pathlib.Path(__file__).resolve().parent
 _METRICS = [f"{name}@{k}" for k in (5, 10, 20) for name in ("recall", "ndcg")]
 _TITLES = {"recall": "Recall", "ndcg": "NDCG"}
+# Stages whose rows are not ranking runs: (column title, field) in order.
+_COLUMNS = {
+  "sharding": (
+    ("measure", "measure"),
+    ("vocab", "vocab_size"),
+    ("hidden", "hidden"),
+    ("LLM layers", "layers"),
+    ("mesh", "mesh"),
+    ("peak MB/device", "per_device_peak_mb"),
+    ("arguments MB", "argument_mb"),
+    ("temp MB", "temp_mb"),
+    ("step s", "step_seconds"),
+    ("load", "load_average"),
+    ("date", "date"),
+    ("machine", "machine"),
+  ),
+}
+# What a stage's table shows, said under its heading.
+_NOTES = {
+  "sharding": (
+    "Memory per device from XLA's analysis of the compiled step (peak: "
+    "arguments, outputs and temporaries). Quantiser steps are timed for the "
+    "vocabularies the command runs (`--time_max_vocab`, 20k by default); "
+    "the 8 devices are fake and share the machine's cores, so times do not "
+    "fall with more shards. align_7b rows are compiled, never run."
+  ),
+}
+# Stages whose tables name the machine under the commands, not in a column.
+_FACE_MACHINE = ("map", "align", "face_step")
+# Fields left out of the generic columns (the command is listed below).
+_NOT_COLUMNS = ("stage", "command")
 
 
 def _epochs(run: dict) -> str:
@@ -111,18 +144,6 @@ _STEP_COLUMNS = {
   "date": lambda run: run.get("date", "")[:10],
 }
 
-_NOTES = {
-  "map": "Test metrics of the pretrained backbone alone → after the map "
-  "stage (the backbone is scored; FACE does not change scoring). Retrieval: "
-  "fraction of entities whose descriptor sentence, encoded by the frozen "
-  "LLM, ranks its own profile first / in the top 10 among all profiles of "
-  "its type, beside random descriptors.",
-  "align": "As for map, after the align stage.",
-  "face_step": "Median wall time of one jitted train step after a compiling "
-  "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "
-  "float32 4096 x 4096 matmul measured in the same process.",
-}
-
 
 def _table(ordered: list[dict], columns: dict) -> list[str]:
   lines = ["| # | " + " | ".join(columns) + " |"]
@@ -131,6 +152,61 @@ def _table(ordered: list[dict], columns: dict) -> list[str]:
     cells = [str(index), *(cell(run) for cell in columns.values())]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
+
+
+_NOTES.update(
+  {
+    "map": "Test metrics of the pretrained backbone alone → after the map "
+    "stage (the backbone is scored; FACE does not change scoring). Retrieval: "
+    "fraction of entities whose descriptor sentence, encoded by the frozen "
+    "LLM, ranks its own profile first / in the top 10 among all profiles of "
+    "its type, beside random descriptors.",
+    "align": "As for map, after the align stage.",
+    "face_step": "Median wall time of one jitted train step after a compiling "
+    "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "
+    "float32 4096 x 4096 matmul measured in the same process.",
+  }
+)
+
+
+def _cell(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, list):
+    return ", ".join(_cell(item) for item in value)
+  return str(value)
+
+
+def _field_columns(runs: list[dict]) -> tuple[tuple[str, str], ...]:
+  """A column per field of `runs`, in first-seen order."""
+  fields = {}
+  for run in runs:
+    fields.update(dict.fromkeys(k for k in run if k not in _NOT_COLUMNS))
+  return tuple((name, name) for name in fields)
+
+
+def _field_table(runs: list[dict], columns) -> list[str]:
+  lines = ["| # | " + " | ".join(title for title, _ in columns) + " |"]
+  lines.append("|" + "---|" * (len(columns) + 1))
+  for index, run in enumerate(runs, 1):
+    cells = [str(index)]
+    for _, field in columns:
+      value = run.get(field)
+      if field == "load_average" and value:
+        value = value[0]
+      elif field == "date" and value:
+        value = value[:10]
+      cells.append(_cell(value))
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def _sort_key(run: dict) -> tuple:
+  names = (str(run.get(field, "")) for field in ("dataset", "model", "measure"))
+  sizes = (
+    run.get(field) or 0 for field in ("vocab_size", "vocab_shards", "layers")
+  )
+  return (*names, *sizes, run.get("date", ""))
 
 
 def render(runs: list[dict]) -> str:
@@ -167,29 +243,46 @@ def render(runs: list[dict]) -> str:
     "capped by max_epochs are smoke runs, not trained to convergence.",
   ]
   for stage in sorted(by_stage):
-    ordered = sorted(
-      by_stage[stage],
-      key=lambda run: (
-        run.get("dataset", ""),
-        run.get("model", ""),
-        run.get("date", ""),
-      ),
-    )
     lines += ["", f"## Stage: {stage}", ""]
     if stage in _NOTES:
       lines += [_NOTES[stage], ""]
-    if stage in ("map", "align"):
-      lines += _table(ordered, _FACE_COLUMNS)
-    elif stage == "face_step":
-      lines += _table(ordered, _STEP_COLUMNS)
+    face_columns = {"map": _FACE_COLUMNS, "align": _FACE_COLUMNS}.get(
+      stage, _STEP_COLUMNS if stage == "face_step" else None
+    )
+    if face_columns:
+      ordered = sorted(
+        by_stage[stage],
+        key=lambda run: (
+          run.get("dataset", ""),
+          run.get("model", ""),
+          run.get("date", ""),
+        ),
+      )
+      lines += _table(ordered, face_columns)
+    elif stage in _COLUMNS or not any("metrics" in r for r in by_stage[stage]):
+      ordered = sorted(by_stage[stage], key=_sort_key)
+      columns = _COLUMNS.get(stage) or _field_columns(ordered)
+      lines += _field_table(ordered, columns)
     else:
+      ordered = sorted(
+        by_stage[stage],
+        key=lambda run: (
+          run.get("dataset", ""),
+          run.get("model", ""),
+          run.get("date", ""),
+        ),
+      )
       lines.append("| " + " | ".join(header) + " |")
       lines.append("|" + "---|" * len(header))
       lines += [_row(index, run) for index, run in enumerate(ordered, 1)]
     lines += ["", "Commands:", ""]
     lines += [
       f"{index}. `{run.get('command', '')}`"
-      + (f" ({run['machine']})" if stage in _NOTES and "machine" in run else "")
+      + (
+        f" ({run['machine']})"
+        if stage in _FACE_MACHINE and "machine" in run
+        else ""
+      )
       for index, run in enumerate(ordered, 1)
     ]
   return "\n".join(lines) + "\n"

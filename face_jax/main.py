@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from face_jax import train
+from face_jax import parallel, train
 from face_jax.training import writer
 
 # The default config ships inside the installed `configs` package, so the
@@ -47,8 +47,11 @@ _STOP_AFTER = flags.DEFINE_enum(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  writer.quiet_checkpoint_logs()
   config = _CONFIG.value
+  # Joins the other hosts' processes before anything touches a device.
+  parallel.maybe_initialize(config.mesh)
+  parallel.quiet_other_processes()
+  writer.quiet_checkpoint_logs()
   workdir = _WORKDIR.value or str(pathlib.Path("workdirs", config.data.name))
   results = train.train_and_evaluate(
     config, workdir, stop_after=_STOP_AFTER.value

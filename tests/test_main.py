@@ -6,7 +6,6 @@ can read a tiny folder of pickles written to tmp_path instead.
 """
 
 import json
-import logging
 import pathlib
 import sys
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from _face_fixtures import write_tiny_bert
 from absl import flags
+from absl import logging as absl_logging
 
 import configs
 import face_jax.data
@@ -52,15 +52,15 @@ def parsed_flags(monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     flags.FLAGS(argv)
 
-  # Unparsing resets absl's verbosity flag, which sets the absl logger to
-  # WARNING; later tests that capture INFO records need it as it was.
-  absl_level = logging.getLogger("absl").level
+  level = absl_logging.get_absl_logger().level
   yield parse
   flags.FLAGS.unparse_flags()
-  logging.getLogger("absl").setLevel(absl_level)
   for name in list(flags.FLAGS):
     if name.startswith("config."):
       delattr(flags.FLAGS, name)
+  # Unparsing resets --verbosity, which sets the absl logger to WARNING;
+  # later tests that capture INFO logs need the level from before.
+  absl_logging.get_absl_logger().setLevel(level)
 
 
 def test_default_config_ships_with_the_package():

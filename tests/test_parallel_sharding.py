@@ -1,6 +1,7 @@
 """Born-sharded init, placement by logical axes and resharding restores."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from configs import base
 from face_jax import parallel
 from face_jax.data import Dataset
+from face_jax.llm import layout, load_llm
 from face_jax.models import backbones
 
 RULES = base.get_base_config().mesh.rules
@@ -207,16 +209,9 @@ def test_sharded_mf_step_equals_single_device(shape):
 
 
 # Logical axes of frozen-LLM weights by flax parameter path (BERT and
-# decoder names), as a loader that places tensors one by one would use.
-LLM_AXES = (
-  (r"(word_embeddings|embed_tokens)/embedding", ("vocab", "embed")),
-  (r".*attention/(query|key|value)/kernel", ("embed", "heads")),
-  (r".*attention/(query|key|value)/bias", ("heads",)),
-  (r".*attention/out/kernel", ("heads", "embed")),
-  (r".*mlp_(gate|up|in)/kernel", ("embed", "mlp")),
-  (r".*mlp_(down|out)/kernel", ("mlp", "embed")),
-  (r".*", None),
-)
+# decoder names), as the loader places tensors one by one.
+LLM_AXES = layout.WEIGHT_AXES
+_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "llm"
 
 
 @pytest.mark.parametrize(
@@ -236,6 +231,28 @@ LLM_AXES = (
 def test_sharding_by_path_for_llm_weights(path, shape, spec):
   sharding = parallel.sharding_by_path(_mesh((2, 4)), RULES, LLM_AXES)
   assert sharding(path, shape).spec == spec
+
+
+def test_tiny_qwen2_loads_sharded_and_encodes_alike():
+  # Every tensor placed by WEIGHT_AXES as it is read, on a (2, 4) mesh.
+  mesh = _mesh((2, 4))
+  config = base.get_base_config().llm
+  config.model = str(_FIXTURES / "tiny_qwen2")
+  sharded = load_llm(
+    config, shardings=parallel.sharding_by_path(mesh, RULES, LLM_AXES)
+  )
+  params = sharded.params
+  assert params["embed_tokens"]["embedding"].sharding.spec == P("model", None)
+  layer = params["layers_1"]
+  assert layer["attention"]["query"]["kernel"].sharding.spec == P(None, "model")
+  assert layer["attention"]["key"]["bias"].sharding.spec == P("model")
+  assert layer["mlp_down"]["kernel"].sharding.spec == P("model", None)
+  assert layer["input_norm"]["scale"].sharding.spec == P()
+  reference = np.load(_FIXTURES / "tiny_qwen2.npz")
+  pooled = jax.jit(sharded.encode_ids)(
+    params, reference["input_ids"], reference["mask"]
+  )
+  np.testing.assert_allclose(pooled, reference["pooled"], atol=1e-5)
 
 
 def test_sharding_by_path_without_a_match_raises():

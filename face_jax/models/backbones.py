@@ -9,6 +9,13 @@ Scores are always dot products of final embeddings.
 The graph (whatever a backbone propagates over) is an explicit argument, a
 pytree of arrays, so a jitted step receives it as an input instead of baking
 a large constant into the compiled program.
+
+To shard the user and item tables by rows over a mesh axis that does not
+divide their row counts, `build` pads them (`TableRows`): the padded rows
+are zeros with no edges in the graph, receive no gradient, are never
+sampled, and are sliced off before anything runs over all rows (`embed`,
+the contrastive denominators), so every value a backbone computes for the
+real rows is the same with or without padding.
 """
 
 from __future__ import annotations
@@ -25,12 +32,56 @@ from flax import struct
 from face_jax import graph as graph_lib
 from face_jax.data import Dataset
 from face_jax.graph import svd as svd_lib
+from face_jax.parallel import pad_rows_to, round_up
 
 Params = dict[str, jax.Array]
 # A training batch: "user", "pos", "neg", each [batch] int32.
 Batch = dict[str, jax.Array]
 # Final embeddings of a batch: (users, positives, negatives), each [batch, d].
 BatchEmbeddings = tuple[jax.Array, jax.Array, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRows:
+  """Real and padded row counts of the user and item tables.
+
+  Attributes:
+    num_users: real users.
+    num_items: real items.
+    user_multiple: the user table has a multiple of this many rows (the
+      shard count of its rows); 1 for no padding.
+    item_multiple: the same for the item table.
+  """
+
+  num_users: int
+  num_items: int
+  user_multiple: int = 1
+  item_multiple: int = 1
+
+  @property
+  def padded_users(self) -> int:
+    return round_up(self.num_users, self.user_multiple)
+
+  @property
+  def padded_items(self) -> int:
+    return round_up(self.num_items, self.item_multiple)
+
+  def pad(self, users: jax.Array, items: jax.Array) -> Params:
+    """Zero rows appended to real tables [num_users, d], [num_items, d]."""
+    return {
+      "user": pad_rows_to(users, self.user_multiple),
+      "item": pad_rows_to(items, self.item_multiple),
+    }
+
+  def real(
+    self, users: jax.Array, items: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """The real rows of padded (or unpadded) user and item tables."""
+    if users.shape[0] != self.num_users:
+      users = users[: self.num_users]
+    if items.shape[0] != self.num_items:
+      items = items[: self.num_items]
+    return users, items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +97,8 @@ class Backbone:
       always, plus the backbone's own extra terms); L2 is not among them
       because the optimiser applies it as coupled weight decay.
     embed: (params, graph) -> (users [num_users, d], items [num_items, d]),
-      the deterministic final embeddings used for scoring.
+      the deterministic final embeddings used for scoring, real rows only.
+    rows: real and padded table sizes; params hold the padded tables.
   """
 
   name: str
@@ -56,6 +108,7 @@ class Backbone:
     tuple[dict[str, jax.Array], BatchEmbeddings],
   ]
   embed: Callable[[Params, Any], tuple[jax.Array, jax.Array]]
+  rows: TableRows | None = None
 
 
 def xavier_tables(
@@ -68,6 +121,16 @@ def xavier_tables(
     "user": init(user_rng, (num_users, dim), jnp.float32),
     "item": init(item_rng, (num_items, dim), jnp.float32),
   }
+
+
+def _init_tables(rows: TableRows, dim: int) -> Callable[[jax.Array], Params]:
+  """Xavier tables of the real sizes (the fan depends on them), padded."""
+
+  def init(rng):
+    tables = xavier_tables(rng, rows.num_users, rows.num_items, dim)
+    return rows.pad(tables["user"], tables["item"])
+
+  return init
 
 
 def bpr_loss(
@@ -93,31 +156,28 @@ def _gather_batch(users, items, batch: Batch) -> BatchEmbeddings:
 
 
 def _build_mf(
-  config: ml_collections.ConfigDict, dataset: Dataset
+  config: ml_collections.ConfigDict, dataset: Dataset, rows: TableRows
 ) -> tuple[Backbone, Any]:
   """MF/GMF: the raw embedding tables, scored by dot product."""
 
-  def init(rng):
-    return xavier_tables(
-      rng, dataset.num_users, dataset.num_items, config.embed_dim
-    )
-
   def embed(params, graph):
     del graph  # MF has no graph.
-    return params["user"], params["item"]
+    return rows.real(params["user"], params["item"])
 
   def losses(params, graph, batch, rng):
-    del rng  # MF training is deterministic.
-    embeddings = _gather_batch(*embed(params, graph), batch)
+    del graph, rng  # MF training is deterministic.
+    embeddings = _gather_batch(params["user"], params["item"], batch)
     return {"bpr": bpr_loss(*embeddings)}, embeddings
 
-  return Backbone("mf", init, losses, embed), None
+  init = _init_tables(rows, config.embed_dim)
+  return Backbone("mf", init, losses, embed, rows), None
 
 
 def _build_graph(
-  config: ml_collections.ConfigDict, dataset: Dataset
+  config: ml_collections.ConfigDict, dataset: Dataset, rows: TableRows
 ) -> graph_lib.Graph:
-  """The normalised train graph, with the kernel the config asks for."""
+  """The normalised train graph over the padded tables (padding rows have
+  no edges), with the kernel the config asks for."""
   if config.num_layers < 1:
     raise ValueError(
       f"config.model.num_layers is {config.num_layers}; graph backbones "
@@ -125,12 +185,12 @@ def _build_graph(
     )
   path = graph_lib.resolve_path(config.propagation)
   return graph_lib.build_graph(
-    dataset.train, dataset.num_users, dataset.num_items, path
+    dataset.train, rows.padded_users, rows.padded_items, path
   )
 
 
 def _build_lightgcn(
-  config: ml_collections.ConfigDict, dataset: Dataset
+  config: ml_collections.ConfigDict, dataset: Dataset, rows: TableRows
 ) -> tuple[Backbone, graph_lib.Graph]:
   """LightGCN: the sum of the layer-0..L embeddings of plain propagation.
 
@@ -142,17 +202,14 @@ def _build_lightgcn(
     raise ValueError(
       f"config.model.keep_rate is {config.keep_rate}; it must be in (0, 1]."
     )
-  graph = _build_graph(config, dataset)
+  graph = _build_graph(config, dataset, rows)
   num_layers, keep_rate = config.num_layers, config.keep_rate
-
-  def init(rng):
-    return xavier_tables(
-      rng, dataset.num_users, dataset.num_items, config.embed_dim
-    )
 
   def embed(params, graph):
     op = graph_lib.full_operator(graph)
-    return graph_lib.layer_sum(op, params["user"], params["item"], num_layers)
+    return rows.real(
+      *graph_lib.layer_sum(op, params["user"], params["item"], num_layers)
+    )
 
   def losses(params, graph, batch, rng):
     if keep_rate < 1.0:
@@ -162,7 +219,8 @@ def _build_lightgcn(
     embeddings = _layer_sum_batch(op, params, num_layers, batch)
     return {"bpr": bpr_loss(*embeddings)}, embeddings
 
-  return Backbone("lightgcn", init, losses, embed), graph
+  init = _init_tables(rows, config.embed_dim)
+  return Backbone("lightgcn", init, losses, embed, rows), graph
 
 
 def _layer_sum_batch(op, params, num_layers, batch) -> BatchEmbeddings:
@@ -232,7 +290,7 @@ def infonce_loss(
 
 
 def _build_simgcl(
-  config: ml_collections.ConfigDict, dataset: Dataset
+  config: ml_collections.ConfigDict, dataset: Dataset, rows: TableRows
 ) -> tuple[Backbone, graph_lib.Graph]:
   """SimGCL: LightGCN without edge dropout plus a contrastive term.
 
@@ -245,20 +303,20 @@ def _build_simgcl(
   against all items, each averaged over the batch (the authors sum over the
   batch and divide by its size), weighted by `simgcl_weight`.
   """
-  graph = _build_graph(config, dataset)
+  graph = _build_graph(config, dataset, rows)
   num_layers, eps = config.num_layers, config.simgcl_eps
   temperature, weight = config.simgcl_temperature, config.simgcl_weight
 
-  def init(rng):
-    return xavier_tables(
-      rng, dataset.num_users, dataset.num_items, config.embed_dim
-    )
-
   def embed(params, graph):
     op = graph_lib.full_operator(graph)
-    return graph_lib.layer_sum(op, params["user"], params["item"], num_layers)
+    return rows.real(
+      *graph_lib.layer_sum(op, params["user"], params["item"], num_layers)
+    )
 
   def perturbed_view(op, params, rng):
+    # Padding rows stay zero (their noise has the sign of zero) and the
+    # draws of the real rows do not depend on the padding: JAX draws each
+    # element from its own position.
     users, items = params["user"], params["item"]
     user_sum, item_sum = users, items
     for layer_rng in jax.random.split(rng, num_layers):
@@ -267,7 +325,7 @@ def _build_simgcl(
       users = users + sign_aligned_noise(user_rng, users, eps)
       items = items + sign_aligned_noise(item_rng, items, eps)
       user_sum, item_sum = user_sum + users, item_sum + items
-    return user_sum, item_sum
+    return rows.real(user_sum, item_sum)
 
   def losses(params, graph, batch, rng):
     op = graph_lib.full_operator(graph)
@@ -282,7 +340,8 @@ def _build_simgcl(
     terms = {"bpr": bpr_loss(*embeddings), "cl": weight * contrastive}
     return terms, embeddings
 
-  return Backbone("simgcl", init, losses, embed), graph
+  init = _init_tables(rows, config.embed_dim)
+  return Backbone("simgcl", init, losses, embed, rows), graph
 
 
 @struct.dataclass
@@ -293,7 +352,9 @@ class LightGCLGraph:
   svd: svd_lib.SvdView
 
 
-def _lightgcl_views(params, graph: LightGCLGraph, num_layers: int):
+def _lightgcl_views(
+  params, graph: LightGCLGraph, num_layers: int, rows: TableRows
+):
   """The graph view E and the SVD view G of users and items.
 
   E_l = A E_(l-1) without residual, E = sum of layers 0..L. The SVD view
@@ -301,7 +362,7 @@ def _lightgcl_views(params, graph: LightGCLGraph, num_layers: int):
   V S U^T (items), G = E_0 + sum of those, as the authors compute it.
 
   Returns:
-    (E users, E items, G users, G items), each [rows, d].
+    (E users, E items, G users, G items), each [rows, d], real rows only.
   """
   op = graph_lib.full_operator(graph.adjacency)
   outputs = graph_lib.layers(op, params["user"], params["item"], num_layers)
@@ -312,7 +373,10 @@ def _lightgcl_views(params, graph: LightGCLGraph, num_layers: int):
   inner_items = sum(items for _, items in outputs[:-1])
   svd_users = params["user"] + svd_lib.to_users(graph.svd, inner_items)
   svd_items = params["item"] + svd_lib.to_items(graph.svd, inner_users)
-  return graph_users, graph_items, svd_users, svd_items
+  return (
+    *rows.real(graph_users, graph_items),
+    *rows.real(svd_users, svd_items),
+  )
 
 
 def lightgcl_contrast(
@@ -346,7 +410,7 @@ def lightgcl_contrast(
 
 
 def _build_lightgcl(
-  config: ml_collections.ConfigDict, dataset: Dataset
+  config: ml_collections.ConfigDict, dataset: Dataset, rows: TableRows
 ) -> tuple[Backbone, LightGCLGraph]:
   """LightGCL: graph view without residuals, a rank-q SVD view, contrast.
 
@@ -356,29 +420,30 @@ def _build_lightgcl(
   weighted by `lightgcl_weight`. The authors' edge dropout is 0, so
   training is deterministic; their L2 weight (1e-9) is the optimiser's.
   """
-  adjacency = _build_graph(config, dataset)
+  adjacency = _build_graph(config, dataset, rows)
   matrix = graph_lib.normalized_matrix(
     dataset.train, dataset.num_users, dataset.num_items
   )
-  graph = LightGCLGraph(
-    adjacency, svd_lib.svd_view(matrix, config.lightgcl_rank)
+  # The SVD of the real matrix; padding rows of U and V are zeros.
+  view = svd_lib.svd_view(matrix, config.lightgcl_rank)
+  view = view.replace(
+    users=pad_rows_to(view.users, rows.user_multiple),
+    items=pad_rows_to(view.items, rows.item_multiple),
   )
+  graph = LightGCLGraph(adjacency, view)
   num_layers = config.num_layers
   temperature, weight = config.lightgcl_temperature, config.lightgcl_weight
 
-  def init(rng):
-    return xavier_tables(
-      rng, dataset.num_users, dataset.num_items, config.embed_dim
-    )
-
   def embed(params, graph):
     op = graph_lib.full_operator(graph.adjacency)
-    return graph_lib.layer_sum(op, params["user"], params["item"], num_layers)
+    return rows.real(
+      *graph_lib.layer_sum(op, params["user"], params["item"], num_layers)
+    )
 
   def losses(params, graph, batch, rng):
     del rng  # No dropout.
     users, items, svd_users, svd_items = _lightgcl_views(
-      params, graph, num_layers
+      params, graph, num_layers, rows
     )
     embeddings = _gather_batch(users, items, batch)
     user_ids, item_ids = batch["user"], batch["pos"]
@@ -388,13 +453,17 @@ def _build_lightgcl(
     terms = {"bpr": bpr_loss(*embeddings), "cl": weight * contrastive}
     return terms, embeddings
 
-  return Backbone("lightgcl", init, losses, embed), graph
+  init = _init_tables(rows, config.embed_dim)
+  return Backbone("lightgcl", init, losses, embed, rows), graph
 
 
-# Backbone name -> builder (model config, dataset) -> (backbone, graph).
+# Backbone name -> builder (model config, dataset, table rows) ->
+# (backbone, graph).
 _BUILDERS: dict[
   str,
-  Callable[[ml_collections.ConfigDict, Dataset], tuple[Backbone, Any]],
+  Callable[
+    [ml_collections.ConfigDict, Dataset, TableRows], tuple[Backbone, Any]
+  ],
 ] = {
   "mf": _build_mf,
   "lightgcn": _build_lightgcn,
@@ -404,13 +473,18 @@ _BUILDERS: dict[
 
 
 def build(
-  config: ml_collections.ConfigDict, dataset: Dataset
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  row_multiples: tuple[int, int] = (1, 1),
 ) -> tuple[Backbone, Any]:
   """Makes the backbone named by `config.backbone` and its graph.
 
   Args:
     config: the `model` section of the experiment config.
     dataset: the dataset; its train split defines the graph.
+    row_multiples: (users, items): pad the tables (and the graph) to
+      multiples of these row counts, the shard counts of their rows; see
+      the module docstring.
 
   Returns:
     (backbone, graph): the graph is a pytree of arrays (or None) to pass to
@@ -427,4 +501,5 @@ def build(
       f"one of {sorted(_BUILDERS)}."
     )
   graph_lib.resolve_path(config.propagation)  # Refuse bad names, even MF.
-  return _BUILDERS[config.backbone](config, dataset)
+  rows = TableRows(dataset.num_users, dataset.num_items, *row_multiples)
+  return _BUILDERS[config.backbone](config, dataset, rows)

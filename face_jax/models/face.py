@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from face_jax import parallel
 from face_jax.models import quantizer
 
 Initializer = Callable[..., jax.Array]
@@ -222,6 +223,14 @@ class FACE(nn.Module):
     projection_init: "flat" (the authors') or "per_map"; see the module
       docstring.
     chunk_size: codebook rows compared per step of the token search.
+    num_tokens: real rows of the token table; rows from this index on are
+      padding (a table padded to a multiple of the vocabulary shard count
+      with `face_jax.parallel.pad_rows_to`) and never chosen. None: all
+      rows are real.
+
+  Inside a `face_jax.parallel.use_mesh` block the mapped codebook is laid
+  out by the logical axes ("vocab", "embed"), and when "vocab" is split
+  over several devices the token search runs shard by shard.
   """
 
   embed_dim: int
@@ -234,6 +243,7 @@ class FACE(nn.Module):
   layer_norm_eps: float = 1e-5
   projection_init: str = "flat"
   chunk_size: int = 4096
+  num_tokens: int | None = None
 
   def setup(self):
     layer = {
@@ -254,7 +264,9 @@ class FACE(nn.Module):
 
   def map_codebook(self, token_table: jax.Array) -> jax.Array:
     """Maps the frozen token rows [v, token_dim] to [v, word_dim]."""
-    return self.codebook_map(lax.stop_gradient(token_table))
+    codebook = self.codebook_map(lax.stop_gradient(token_table))
+    # Rows stay on the device that holds their token rows.
+    return parallel.with_logical_constraint(codebook, ("vocab", "embed"))
 
   def encode(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     """z_e [n, W, word_dim] of CF embeddings x [n, d]."""
@@ -267,7 +279,9 @@ class FACE(nn.Module):
     """
     z_e = self.encode(x, deterministic=True)
     codebook = self.map_codebook(token_table)
-    return quantizer.quantize(z_e, codebook, self.chunk_size).token_index
+    return quantizer.quantize(
+      z_e, codebook, self.chunk_size, self.num_tokens
+    ).token_index
 
   def __call__(
     self, x: jax.Array, token_table: jax.Array, *, deterministic: bool
@@ -293,7 +307,9 @@ class FACE(nn.Module):
       )
     z_e = self.encode(x, deterministic=deterministic)
     codebook = self.map_codebook(token_table)
-    quantized = quantizer.quantize(z_e, codebook, self.chunk_size)
+    quantized = quantizer.quantize(
+      z_e, codebook, self.chunk_size, self.num_tokens
+    )
     mixed = self.decoder(quantized.z_q_st, deterministic=deterministic)
     decoded = self.reconstruct(mixed.reshape(x.shape[0], -1))
     return {
@@ -328,7 +344,8 @@ def init_params(
     The params collection, a dict with the names listed on `FACE`.
   """
   x = jnp.zeros((1, model.embed_dim), jnp.float32)
-  variables = model.init(
+  # Only the first W token rows go in, all of them real.
+  variables = model.clone(num_tokens=None).init(
     rng, x, token_table[: model.num_words], deterministic=True
   )
   params = dict(variables["params"])

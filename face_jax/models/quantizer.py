@@ -14,7 +14,10 @@ candidates. Memory is O(n * W * W) plus an [n * W, chunk] transient.
 The two stages are separate so that a vocabulary-sharded codebook can be
 searched shard by shard (`top_w_candidates` with the shard's
 `index_offset`), the per-shard lists concatenated and reduced by
-`merge_top_w`, and only then handed to `greedy_distinct`.
+`merge_top_w`, and only then handed to `greedy_distinct`. `quantize` does
+this by itself when it is traced inside a `face_jax.parallel.use_mesh`
+block whose rules split the logical axis "vocab" over several devices
+(`face_jax.parallel.vocab_top_w`); the codebook is never gathered.
 
 Ties: at every stage, among equal distances the lowest codebook index wins
 (the same rule as an argmin over the full row).
@@ -27,6 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from face_jax.parallel import search
 
 # Weights of the codebook term and the commitment term of the VQ loss.
 CODEBOOK_WEIGHT = 0.75
@@ -121,6 +126,8 @@ def top_w_candidates(
   z = lax.stop_gradient(z)
   codebook = lax.stop_gradient(codebook)
   vocab = codebook.shape[0]
+  # A shard smaller than a chunk is one chunk of its own size.
+  chunk = min(chunk, max(vocab, 1))
   num_chunks = -(-vocab // chunk)
   padded = jnp.pad(codebook, ((0, num_chunks * chunk - vocab), (0, 0)))
   chunks = padded.reshape(num_chunks, chunk, codebook.shape[-1])
@@ -230,25 +237,47 @@ def vq_loss(z_e: jax.Array, z_q: jax.Array) -> jax.Array:
   return CODEBOOK_WEIGHT * codebook_term + COMMITMENT_WEIGHT * commitment_term
 
 
-def quantize(z_e: jax.Array, codebook: jax.Array, chunk: int) -> Quantized:
+def quantize(
+  z_e: jax.Array,
+  codebook: jax.Array,
+  chunk: int,
+  num_valid: int | None = None,
+) -> Quantized:
   """Greedy distinct-token quantisation with a straight-through estimator.
+
+  Inside a `use_mesh` block that splits "vocab", each device searches its
+  own codebook rows (see the module docstring); the result is the same.
 
   Args:
     z_e: [n, W, h] encoder outputs, W words per entity.
     codebook: [v, h] mapped codebook, v >= W.
     chunk: codebook rows compared per scan step of the search.
+    num_valid: real codebook rows; rows from this index on are padding
+      (a table padded to the vocabulary shard count) and never chosen.
+      All rows when None.
 
   Returns:
     A `Quantized`.
   """
   n, num_words, width = z_e.shape
-  if codebook.shape[0] < num_words:
+  if num_valid is not None and not 0 < num_valid <= codebook.shape[0]:
     raise QuantizerError(
-      f"The codebook has {codebook.shape[0]} rows but each entity needs "
+      f"num_valid={num_valid} is outside 1..{codebook.shape[0]}, the "
+      "codebook rows; pass the token table's real row count."
+    )
+  rows = codebook.shape[0] if num_valid is None else num_valid
+  if rows < num_words:
+    raise QuantizerError(
+      f"The codebook has {rows} rows but each entity needs "
       f"{num_words} distinct tokens; use a larger vocabulary or fewer words."
     )
-  dist, idx = top_w_candidates(
-    z_e.reshape(n * num_words, width), codebook, num_words, chunk
+  dist, idx = search.vocab_top_w(
+    z_e.reshape(n * num_words, width),
+    codebook,
+    w=num_words,
+    chunk=chunk,
+    local_search=top_w_candidates,
+    num_valid=num_valid,
   )
   token_index = greedy_distinct(
     dist.reshape(n, num_words, num_words),

@@ -39,11 +39,13 @@ from face_jax.parallel.search import (
   NO_INDEX,
   merge_candidates,
   sharded_top_w,
+  vocab_top_w,
 )
 from face_jax.parallel.sharding import (
   abstract_target,
   is_logical_axes,
   logical_axes_by_path,
+  place_global,
   shard_tree,
   sharded_init,
   sharding_by_path,
@@ -72,6 +74,7 @@ __all__ = [
   "mesh_axis_size",
   "named_sharding",
   "pad_rows_to",
+  "place_global",
   "quiet_other_processes",
   "resolve_mesh_shape",
   "round_up",
@@ -82,5 +85,6 @@ __all__ = [
   "sharding_by_path",
   "tree_shardings",
   "use_mesh",
+  "vocab_top_w",
   "with_logical_constraint",
 ]

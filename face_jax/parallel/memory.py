@@ -30,10 +30,13 @@ class MemoryReport:
     argument_mib: inputs held on the device.
     output_mib: outputs written by the program.
     alias_mib: outputs that reuse donated input buffers (counted once).
-    temp_mib: temporaries live at some point of the program.
+    temp_mib: XLA's one allocation for all temporaries (buffers whose
+      lifetimes do not overlap share space).
     code_mib: the compiled program itself.
-    peak_mib: the most held at once, as XLA reports it, or the sum of the
-      above (less aliases) where the backend reports no peak.
+    peak_mib: what a call holds on the device: arguments, outputs not
+      aliased to donated inputs and the temporaries' allocation (or XLA's
+      own peak estimate where it is larger; the CPU backend's estimate
+      leaves the temporaries out).
     limit_mib: memory of one device, None where the backend does not say
       (CPU).
     gflops: floating-point work per device per call, None if unknown.
@@ -90,8 +93,9 @@ def memory_report(compiled: Any) -> MemoryReport | None:
   alias = stats.alias_size_in_bytes
   temp = stats.temp_size_in_bytes
   code = stats.generated_code_size_in_bytes
-  peak = getattr(stats, "peak_memory_in_bytes", 0) or (
-    argument + output - alias + temp + code
+  peak = max(
+    argument + output - alias + temp,
+    getattr(stats, "peak_memory_in_bytes", 0),
   )
   return MemoryReport(
     argument_mib=argument / _MIB,

@@ -10,6 +10,9 @@ The codebook itself is never gathered.
 
 Ties: among equal distances the lowest global index wins, at every stage,
 which is what an argmin over the whole, unsharded codebook gives.
+
+Model code calls `vocab_top_w`, which picks the sharded search or the local
+one from the logical axis "vocab" of the active `use_mesh` block.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from face_jax.parallel.mesh import ShardingError, mesh_axis_size
-from face_jax.parallel.rules import pad_rows_to
+from face_jax.parallel.rules import (
+  current_context,
+  logical_to_spec,
+  pad_rows_to,
+)
 
 # Index of an empty candidate slot (padding rows, fewer rows than w); it
 # sorts after every real index and comes with distance +inf. It equals the
@@ -164,3 +171,78 @@ def sharded_top_w(
   )
   dist, idx = search(z, codebook)
   return dist[:num_queries], idx[:num_queries]
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry, () when not split."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def vocab_top_w(
+  z: jax.Array,
+  codebook: jax.Array,
+  *,
+  w: int,
+  chunk: int,
+  local_search: LocalSearch,
+  num_valid: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The w nearest codebook rows, searched where the rows live.
+
+  Model code calls this rather than `sharded_top_w`, so that it never names
+  a mesh axis. Inside a `use_mesh` block whose rules split the logical axis
+  "vocab" of this codebook over more than one device, the search runs
+  shard by shard (`sharded_top_w`) over those mesh axes, with the queries
+  split over the mesh axes of "batch" that "vocab" leaves free. Outside a
+  block, or where "vocab" is kept whole (a rule to None, a single device,
+  or a row count the shard count does not divide), it is `local_search`
+  over the real rows. Both give the same candidates.
+
+  Args:
+    z: [m, h] queries.
+    codebook: [rows, h] codebook, laid out by the logical axes
+      ("vocab", "embed").
+    w: candidates per query.
+    chunk: codebook rows compared per scan step.
+    local_search: the one-device search (see `LocalSearch`).
+    num_valid: real rows; rows from this index on are padding and never
+      returned. All rows when None.
+
+  Returns:
+    (distances [m, w], indices [m, w] int32), sorted by distance, then by
+    index.
+  """
+  rows = codebook.shape[0]
+  num_valid = rows if num_valid is None else num_valid
+  context = current_context()
+  if context is not None:
+    mesh, rules = context.mesh, context.rules
+    # The codebook's rows are split as the rules split an array of this
+    # shape; the queries only need the batch rule's axes.
+    vocab_spec = logical_to_spec(("vocab", None), rules, mesh, codebook.shape)
+    vocab_axes = _spec_axes(vocab_spec[0])
+    if mesh_axis_size(mesh, vocab_axes) > 1:
+      batch_spec = logical_to_spec(("batch", None), rules)
+      batch_axes = tuple(
+        axis for axis in _spec_axes(batch_spec[0]) if axis not in vocab_axes
+      )
+      return sharded_top_w(
+        z,
+        codebook,
+        w=w,
+        chunk=chunk,
+        mesh=mesh,
+        vocab_axis=vocab_axes,
+        local_search=local_search,
+        num_valid=num_valid,
+        batch_axis=batch_axes or None,
+      )
+  if num_valid != rows:
+    if not 0 < num_valid <= rows:
+      raise ShardingError(
+        f"num_valid={num_valid} is outside 1..{rows}, the codebook rows."
+      )
+    codebook = codebook[:num_valid]
+  return local_search(z, codebook, w, chunk, 0)

@@ -30,8 +30,10 @@ LogicalTree = PyTree | Callable[[PyTree], PyTree]
 
 def is_logical_axes(x: Any) -> bool:
   """Whether `x` is a leaf of a logical-axes tree (a tuple of names)."""
+  # Exactly a tuple: named tuples are tree nodes (optax's EmptyState is an
+  # empty one).
   return x is None or (
-    isinstance(x, tuple)
+    type(x) is tuple
     and all(isinstance(name, str) or name is None for name in x)
   )
 
@@ -233,15 +235,55 @@ def sharded_init(
   return jax.jit(init_fn, out_shardings=shardings)(rng)
 
 
+def place_global(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Places host values (or arrays on one device) as global arrays.
+
+  Works the same on one host and on several: each process passes the same
+  global value (a frozen table read from the same file, a batch drawn from
+  the same seed, a key from the same seed) and transfers only the slices
+  its own devices hold (`jax.make_array_from_callback`). `jax.device_put`
+  cannot do this: it refuses shardings over other processes' devices.
+
+  Args:
+    tree: numpy arrays, scalars, or JAX arrays (including PRNG keys, which
+      go replicated).
+    shardings: a tree of Shardings like `tree`, or one for all leaves.
+
+  Returns:
+    The same tree as global jax.Arrays; leaves already laid out as asked
+    are returned as they are.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    one = shardings
+    shardings = jax.tree.map(lambda _: one, tree)
+
+  def place(leaf, sharding):
+    if isinstance(leaf, jax.Array):
+      if leaf.sharding == sharding:
+        return leaf
+      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = place(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+      if not leaf.is_fully_addressable:
+        # Already global: a collective reshard.
+        return jax.device_put(leaf, sharding)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(
+      host.shape, sharding, lambda index: host[index]
+    )
+
+  return jax.tree.map(place, tree, shardings)
+
+
 def shard_tree(
   tree: PyTree, mesh: Mesh, rules: Rules, logical: LogicalTree
 ) -> PyTree:
   """Places host values (or arrays on other layouts) by logical axes.
 
-  Host numpy arrays are assembled with `jax.make_array_from_callback`, so
-  on several hosts each process transfers only the shards its devices own
-  (every process must hold the same global value, e.g. a frozen LLM table
-  read from the same file, or a batch drawn from the same seed).
+  Host values are assembled with `place_global`, so on several hosts each
+  process transfers only the shards its devices own (every process must
+  hold the same global value, e.g. a frozen LLM table read from the same
+  file, or a batch drawn from the same seed).
 
   Args:
     tree: numpy or JAX arrays.
@@ -252,14 +294,4 @@ def shard_tree(
   Returns:
     The same tree as global jax.Arrays sharded over `mesh`.
   """
-  shardings = tree_shardings(mesh, rules, logical, tree)
-
-  def place(leaf, sharding):
-    if isinstance(leaf, jax.Array):
-      return jax.device_put(leaf, sharding)
-    leaf = np.asarray(leaf)
-    return jax.make_array_from_callback(
-      leaf.shape, sharding, lambda index: leaf[index]
-    )
-
-  return jax.tree.map(place, tree, shardings)
+  return place_global(tree, tree_shardings(mesh, rules, logical, tree))

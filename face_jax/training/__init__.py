@@ -14,10 +14,20 @@ from face_jax.training.optimizers import (
   adam_coupled_l2,
   grouped_adam,
 )
-from face_jax.training.step import TrainState, make_train_step
+from face_jax.training.step import (
+  CompiledStep,
+  StepLayout,
+  TrainState,
+  compile_train_step,
+  make_train_step,
+  sharded_train_state,
+  state_logical_axes,
+  step_layout,
+)
 from face_jax.training.writer import MetricWriter
 
 __all__ = [
+  "CompiledStep",
   "EpochCheckpoints",
   "FitOptions",
   "FitResult",
@@ -26,10 +36,15 @@ __all__ = [
   "NegativeSampler",
   "NonFiniteLossError",
   "ParamGroup",
+  "StepLayout",
   "TrainState",
   "adam_coupled_l2",
+  "compile_train_step",
   "epoch_batches",
   "fit",
   "grouped_adam",
   "make_train_step",
+  "sharded_train_state",
+  "state_logical_axes",
+  "step_layout",
 ]

@@ -1,4 +1,13 @@
-"""Orbax checkpoints of a training stage and atomic JSON markers."""
+"""Orbax checkpoints of a training stage and atomic JSON markers.
+
+Checkpoints are written sharded (each process writes the shards its
+devices hold) and restored into the layout of the target, whatever mesh
+wrote them: restoring onto 4 devices or 1 a run saved on 8 only needs a
+target laid out on the new mesh (`face_jax.parallel.abstract_target`, or a
+state created there). Tables padded to a shard count (see
+`face_jax.models.backbones`) change their row count with the mesh; their
+extra rows are zeros, so restoring crops or zero-fills them.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from face_jax.parallel.sharding import path_string
 
 # Written atomically in a stage's folder when the stage has finished; holds
 # the stage's results. A stage whose marker exists is not run again.
@@ -43,9 +55,41 @@ def read_json(path: str | pathlib.Path) -> Any | None:
   return json.loads(path.read_text(encoding="utf-8"))
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the state it is restored into."""
+
+
 def abstract_like(tree: Any) -> Any:
   """Shapes, dtypes and shardings of `tree`, a restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _resized_rows(saved: Any, target: Any) -> list[str]:
+  """Leaves whose row count (axis 0) differs between checkpoint and target.
+
+  Raises:
+    CheckpointError: for a leaf whose other dimensions or rank differ.
+  """
+  # Paths as "opt_state/1/mu/user": the metadata holds dicts and lists
+  # where the state holds dataclasses and named tuples.
+  saved_shapes = {
+    path_string(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
+  }
+  resized = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+    name = path_string(path)
+    want = tuple(leaf.shape)
+    have = saved_shapes.get(name)
+    if have is None or have == want:
+      continue  # Missing leaves are orbax's to report.
+    if len(have) != len(want) or not want or have[1:] != want[1:]:
+      raise CheckpointError(
+        f"Checkpoint array {name} has shape {have}, the state expects "
+        f"{want}; restore with the config that wrote the checkpoint."
+      )
+    resized.append(f"{name} {have[0]} -> {want[0]} rows")
+  return resized
 
 
 class EpochCheckpoints:
@@ -76,7 +120,12 @@ class EpochCheckpoints:
         preservation_policy=keep,
         enable_async_checkpointing=async_save,
       ),
-      item_names=("state", "loop"),
+      # Handlers named up front, so that the metadata of a checkpoint
+      # written by an earlier run can be read before restoring it.
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "loop": ocp.JsonCheckpointHandler(),
+      },
     )
 
   def latest_epoch(self) -> int | None:
@@ -98,17 +147,36 @@ class EpochCheckpoints:
   def restore(self, epoch: int, target: Any) -> tuple[Any, dict]:
     """Restores epoch `epoch` into `target`'s structure and placement.
 
+    Each array is read straight into the target's sharding (each device
+    reads its own slice), so the mesh may differ from the one that saved.
+    Arrays whose row count differs (tables padded for another shard count)
+    are cropped or zero-filled at the end; any other shape difference is
+    an error.
+
     Args:
       epoch: a saved epoch.
-      target: a state or its `abstract_like` description.
+      target: a state, or `jax.ShapeDtypeStruct`s with shardings (for
+        example `face_jax.parallel.abstract_target`).
 
     Returns:
       (state, loop bookkeeping).
+
+    Raises:
+      CheckpointError: an array's shape differs beyond its row count.
     """
+    target = abstract_like(target)
+    saved = self._manager.item_metadata(epoch).state
+    resized = _resized_rows(saved, target)
+    if resized:
+      logging.info(
+        "Epoch %d: padded rows resized for this mesh: %s.",
+        epoch,
+        "; ".join(resized),
+      )
     restored = self._manager.restore(
       epoch,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(target)),
+        state=ocp.args.StandardRestore(target, strict=not resized),
         loop=ocp.args.JsonRestore(),
       ),
     )

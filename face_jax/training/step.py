@@ -1,7 +1,33 @@
-"""The train state and the one jitted train step."""
+"""The train state and the one jitted train step.
+
+On a device mesh, a `StepLayout` says where the step's arguments live:
+the state by the logical axes of its parameters (optimiser moments follow
+their parameters, counters are replicated), the batch by its own logical
+axes ("batch" for the examples), the constants argument (graph, frozen
+tables) replicated unless given shardings. A stage builds it like this:
+
+    params_axes = functools.partial(
+      parallel.logical_axes_by_path, table=PARAMS_AXES_TABLE
+    )
+    state = sharded_train_state(init, optimizer, init_rng, mesh, rules,
+                                params_axes)        # born sharded
+    layout = step_layout(mesh, rules, state, optimizer, params_axes,
+                         batch_spec, batch_axes, constants_shardings)
+    constants = layout.place(constants)             # once, not per step
+    rng = parallel.place_global(rng, layout.replicated)
+    step = compile_train_step(
+      make_train_step(loss_fn, optimizer, layout), "map step", layout,
+      state, batch_spec, constants, rng)
+
+`compile_train_step` logs the step's per-device memory before training and
+returns the compiled program, which then runs every step; it splits host
+batches as the layout says (device arrays must already have its
+shardings).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +35,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from face_jax import parallel
 
 # (params, graph, batch, rng) -> {loss name: weighted scalar}; the training
 # loss is the sum of the terms.
@@ -45,8 +74,212 @@ class TrainState:
     )
 
 
+# A pytree of logical axes (see face_jax.parallel), or a function from the
+# abstract tree to one.
+LogicalTree = Any
+
+
+def state_logical_axes(
+  state: TrainState,
+  optimizer: optax.GradientTransformation,
+  params_axes: LogicalTree,
+) -> TrainState:
+  """Logical axes of every leaf of a train state.
+
+  Args:
+    state: a TrainState of arrays or `jax.ShapeDtypeStruct`s.
+    optimizer: the transformation that made `state.opt_state`.
+    params_axes: logical axes of `state.params` (tree or function of it).
+
+  Returns:
+    A TrainState of logical axes: the step replicated, the params as
+    given, each optimiser leaf shaped like a parameter (Adam's moments)
+    as that parameter, other optimiser leaves (counts) replicated.
+  """
+  if callable(params_axes):
+    params_axes = params_axes(state.params)
+  opt_axes = optax.tree_map_params(
+    optimizer,
+    lambda _, axes: axes,
+    state.opt_state,
+    params_axes,
+    transform_non_params=lambda _: None,
+  )
+  return TrainState(step=(), params=params_axes, opt_state=opt_axes)
+
+
+def sharded_train_state(
+  init_params: Callable[..., Any],
+  optimizer: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh: Mesh,
+  rules: parallel.Rules,
+  params_axes: LogicalTree,
+  *args: Any,
+) -> TrainState:
+  """`TrainState.create(init_params(rng, *args), optimizer)`, born sharded.
+
+  Shapes come from `jax.eval_shape`, shardings from the rules, and the init
+  runs jitted with those out_shardings, so no device ever holds a whole
+  sharded table or moment. Arrays that go into the params as they are (a
+  restored backbone) are passed in `args`, not closed over, so that they
+  stay arguments instead of becoming constants of the program.
+
+  Args:
+    init_params: (rng, *args) -> params.
+    optimizer: the optax transformation.
+    rng: PRNG key of the init.
+    mesh: the device mesh.
+    rules: logical-to-mesh rules.
+    params_axes: logical axes of the params (tree or function of them).
+    *args: further arguments of `init_params` (global arrays).
+
+  Returns:
+    The step-0 state on `mesh`.
+  """
+
+  def init(rng, *args):
+    return TrainState.create(init_params(rng, *args), optimizer)
+
+  shapes = jax.eval_shape(init, rng, *args)
+  logical = state_logical_axes(shapes, optimizer, params_axes)
+  shardings = parallel.tree_shardings(mesh, rules, logical, shapes)
+  return jax.jit(init, out_shardings=shardings)(rng, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+  """Where a train step's arguments and results live on the mesh.
+
+  Attributes:
+    mesh: the device mesh.
+    rules: logical-to-mesh rules; the step is traced under
+      `use_mesh(mesh, rules)`, so the logical constraints of model code
+      (and the vocabulary-sharded token search) follow them.
+    state: a TrainState of NamedShardings, also the new state's layout.
+    batch: NamedShardings of the batch, a tree like it (or one for all).
+    graph: NamedShardings of the constants argument (graph, frozen
+      tables), a tree like it or one for all of it; replicated by default.
+  """
+
+  mesh: Mesh
+  rules: tuple[tuple[str, Any], ...]
+  state: Any
+  batch: Any
+  graph: Any = None
+
+  def __post_init__(self):
+    if self.graph is None:
+      object.__setattr__(self, "graph", self.replicated)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    """A whole copy on every device (rngs, metrics, small constants)."""
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def place(self, graph: Any) -> Any:
+    """The constants argument on its devices, once.
+
+    Every process passes the same value (`parallel.place_global`).
+    """
+    return parallel.place_global(graph, self.graph)
+
+  def place_batch(self, batch: Any) -> Any:
+    """A host batch as global arrays split as the layout says.
+
+    Every process passes the same global batch (drawn from the same seed)
+    and transfers only the slices its own devices hold, which is also
+    what a multi-process job needs: jit refuses host arrays for inputs
+    split across processes.
+    """
+    return parallel.place_global(batch, self.batch)
+
+
+def step_layout(
+  mesh: Mesh,
+  rules: parallel.Rules,
+  state: TrainState,
+  optimizer: optax.GradientTransformation,
+  params_axes: LogicalTree,
+  batch: Any,
+  batch_axes: LogicalTree,
+  graph: Any = None,
+) -> StepLayout:
+  """The layout of a step from logical axes.
+
+  Args:
+    mesh: the device mesh.
+    rules: logical-to-mesh rules.
+    state: the train state (arrays or ShapeDtypeStructs).
+    optimizer: the transformation of its opt_state.
+    params_axes: logical axes of `state.params`.
+    batch: one batch (arrays or ShapeDtypeStructs), for the shapes.
+    batch_axes: its logical axes, e.g. {"user": ("batch",), ...}.
+    graph: NamedShardings of the constants (tree or one for all); None
+      replicates them.
+
+  Returns:
+    The StepLayout. A dimension that its mesh axes do not divide is
+    replicated (logged once), see `face_jax.parallel.logical_to_spec`.
+  """
+  rules = tuple(tuple(rule) for rule in rules)
+  logical = state_logical_axes(state, optimizer, params_axes)
+  return StepLayout(
+    mesh=mesh,
+    rules=rules,
+    state=parallel.tree_shardings(mesh, rules, logical, state),
+    batch=parallel.tree_shardings(mesh, rules, batch_axes, batch),
+    graph=graph,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """A train step compiled for a layout; host batches are placed first.
+
+  Attributes:
+    compiled: the `jax.stages.Compiled` program.
+    layout: where its arguments live.
+  """
+
+  compiled: Any
+  layout: StepLayout
+
+  def __call__(self, state: TrainState, batch, graph, rng):
+    return self.compiled(state, self.layout.place_batch(batch), graph, rng)
+
+
+def compile_train_step(
+  step: TrainStep,
+  name: str,
+  layout: StepLayout,
+  state: TrainState,
+  batch: Any,
+  graph: Any,
+  rng: jax.Array,
+) -> CompiledStep:
+  """Compiles a laid-out step ahead of time and logs its memory per device.
+
+  Args:
+    step: `make_train_step(..., layout)`.
+    name: what the step is, for the log line ("pretrain step").
+    layout: the layout it was made with.
+    state: the train state (arrays or ShapeDtypeStructs).
+    batch: one batch or its ShapeDtypeStructs.
+    graph: the constants argument, placed by `layout.place`.
+    rng: the base rng, replicated.
+
+  Returns:
+    The CompiledStep; it runs every step without compiling again.
+  """
+  compiled = parallel.compile_and_log(step, name, state, batch, graph, rng)
+  return CompiledStep(compiled, layout)
+
+
 def make_train_step(
-  loss_fn: LossFn, optimizer: optax.GradientTransformation
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  layout: StepLayout | None = None,
 ) -> TrainStep:
   """Builds `train_step(state, batch, graph, rng) -> (state, metrics)`.
 
@@ -55,9 +288,16 @@ def make_train_step(
   so passing the same base rng every step gives every step its own stream
   and a resumed run the same streams as an uninterrupted one.
 
+  With a `layout`, the step is jitted with its in/out shardings (the new
+  state keeps the state's layout, the rng and metrics are replicated) and
+  traced under `use_mesh(layout.mesh, layout.rules)`. Compile it with
+  `face_jax.parallel.compile_and_log` to log its memory per device.
+
   Args:
     loss_fn: (params, graph, batch, rng) -> dict of weighted loss terms.
     optimizer: the optax transformation.
+    layout: where the arguments live; None leaves placement to JAX (one
+      device).
 
   Returns:
     The jitted step; `metrics` holds "loss" (the sum) and every term.
@@ -81,4 +321,16 @@ def make_train_step(
     )
     return new_state, {"loss": loss, **terms}
 
-  return jax.jit(train_step, donate_argnums=0)
+  if layout is None:
+    return jax.jit(train_step, donate_argnums=0)
+
+  def laid_out_step(state: TrainState, batch, graph, rng):
+    with parallel.use_mesh(layout.mesh, layout.rules):
+      return train_step(state, batch, graph, rng)
+
+  return jax.jit(
+    laid_out_step,
+    in_shardings=(layout.state, layout.batch, layout.graph, layout.replicated),
+    out_shardings=(layout.state, layout.replicated),
+    donate_argnums=0,
+  )

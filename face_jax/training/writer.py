@@ -1,4 +1,8 @@
-"""Per-epoch metrics to a JSONL file and TensorBoard event files."""
+"""Per-epoch metrics to a JSONL file and TensorBoard event files.
+
+In a multi-process job only process 0 writes; on the others a MetricWriter
+creates no file and drops every record.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from collections.abc import Mapping
 
 import tensorboardX
 from absl import logging as absl_logging
+
+from face_jax import parallel
 
 # Nested metrics of one epoch: {"train": {"loss": ...}, "valid": {...}}.
 Record = Mapping[str, Mapping[str, float]]
@@ -23,17 +29,20 @@ class MetricWriter:
 
   Args:
     workdir: the experiment folder; writes `metrics.jsonl` and
-      `tensorboard/` in it.
+      `tensorboard/` in it (process 0 only).
     tensorboard: also write TensorBoard event files.
   """
 
   def __init__(self, workdir: str | pathlib.Path, tensorboard: bool = True):
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     self.path = workdir / "metrics.jsonl"
+    # Every process runs the same loop; one copy of the metrics is enough.
+    self.enabled = parallel.is_main_process()
+    if self.enabled:
+      workdir.mkdir(parents=True, exist_ok=True)
     self._summary = (
       tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-      if tensorboard
+      if tensorboard and self.enabled
       else None
     )
 
@@ -46,6 +55,8 @@ class MetricWriter:
       record: group -> metric name -> value.
       **extra: further JSON fields (for example seconds, improved).
     """
+    if not self.enabled:
+      return
     line = {"stage": stage, "epoch": epoch, **extra}
     line.update({group: dict(values) for group, values in record.items()})
     with self.path.open("a", encoding="utf-8") as stream:
