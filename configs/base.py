@@ -101,10 +101,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # tokens: 0.58 s at 4096, 0.67 s at 2048, 0.85 s at 1024).
   config.face.chunk_size = 4096
   # JAX PRNG behind the FACE stages' randomness (FACE and LLM dropout, edge
-  # drop). Philox draws dropout masks about 10x faster than JAX's default
-  # threefry on CPU and, like it, gives the same numbers on CPU, GPU and TPU
-  # and under any sharding; "threefry2x32" is JAX's default.
-  config.face.rng_impl = "philox4x32"
+  # drop): "philox4x32", "threefry2x32" (JAX's default) or "auto". Philox
+  # draws dropout masks about 10x faster than threefry on CPU, but its
+  # multiply-high op fails to compile in a step partitioned over several
+  # devices (jax 0.10); "auto" takes philox on one device, else threefry.
+  config.face.rng_impl = "auto"
   # Adam learning rate of the FACE parameters (no L2, as the authors).
   config.face.learning_rate = 1e-3
   # Adam learning rate of the backbone in the FACE stages (the authors'

@@ -318,3 +318,18 @@ def test_vocabulary_smaller_than_the_words_is_refused(bert_folder, dataset):
   config = tiny_config(bert_folder, vocab__size=2)
   with pytest.raises(face_stages.FaceStageError, match="num_words=4"):
     face_stages.load_face_parts(config, dataset)
+
+
+def test_auto_rng_is_philox_on_one_device_and_threefry_on_several(config):
+  assert face_stages.resolve_rng_impl("auto", 1) == "philox4x32"
+  assert face_stages.resolve_rng_impl("auto", 8) == "threefry2x32"
+  assert face_stages.resolve_rng_impl("philox4x32", 8) == "philox4x32"
+  # The tests run on 8 devices, so "auto" keys are threefry keys.
+  key = face_stages.stage_rng(config, face_stages.MAP)
+  assert jax.random.key_impl(key) == jax.random.key_impl(
+    jax.random.key(0, impl="threefry2x32")
+  )
+  bad = copy.deepcopy(config)
+  bad.face.rng_impl = "mersenne"
+  with pytest.raises(face_stages.FaceStageError, match="'mersenne'"):
+    face_stages.stage_rng(bad, face_stages.MAP)
