@@ -24,7 +24,7 @@ from _face_fixtures import (
 
 from face_jax import descriptors, train
 from face_jax.training import face_stages
-from face_jax.training.step import make_train_step
+from face_jax.training.step import compile_train_step
 
 
 class _StopError(Exception):
@@ -71,16 +71,20 @@ def test_job_runs_every_stage_and_resumes_after_a_stop(
   config, tmp_path, monkeypatch
 ):
   dataset = text_dataset()
-  steps = []
+  compiled = []
 
-  def recording_make_train_step(*args):
-    steps.append(make_train_step(*args))
-    return steps[-1]
+  def recording_compile_train_step(step, name, *args):
+    compiled.append(name.split()[0])
+    return compile_train_step(step, name, *args)
 
-  monkeypatch.setattr(face_stages, "make_train_step", recording_make_train_step)
+  monkeypatch.setattr(
+    face_stages, "compile_train_step", recording_compile_train_step
+  )
   reference = train.train_and_evaluate(config, tmp_path / "reference", dataset)
-  # The map and align steps each compiled once for all their steps.
-  assert [step._cache_size() for step in steps] == [1, 1]
+  # The map and align steps each compiled once, ahead of time, for all their
+  # steps (a compiled program refuses inputs of another type or layout
+  # instead of compiling again).
+  assert compiled == ["map", "align"]
   terms = {
     record["stage"]: set(record["train"])
     for record in map(

@@ -20,11 +20,22 @@ full token table included), "layout": the sentence layout, "user_profiles"
 Like pretraining, each stage validates the backbone every epoch and stops
 early on validation Recall@20, keeping the best epoch (the authors'
 trainer does the same in every stage).
+
+Both stages run on the mesh of `config.mesh`, as pretraining does: the
+batch split over the mesh axes of "batch", the user and item tables (and
+their moments) by rows, the codebook and the LLM's token table by
+vocabulary rows (the token search runs shard by shard, see
+`face_jax.parallel.vocab_top_w`), the other LLM weights as
+`face_jax.llm.layout.WEIGHT_AXES` says and the profile embeddings by
+entity rows. The FACE parameters are small and replicated. The state is
+created (or restored) already laid out, and the compiled step's memory per
+device is logged before the first step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -35,10 +46,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from face_jax import parallel
 from face_jax.data import Dataset
 from face_jax.evaluation import prepare_ranking
 from face_jax.llm import LLM, Vocabulary, descriptor_vocabulary, load_llm
+from face_jax.llm import layout as llm_layout
 from face_jax.llm import profile_embeddings as llm_profile_embeddings
 from face_jax.models import alignment, backbones
 from face_jax.models import face as face_lib
@@ -46,7 +60,15 @@ from face_jax.training import checkpoints, pretrain
 from face_jax.training.loop import LoopState, fit
 from face_jax.training.negatives import NegativeSampler, epoch_batches
 from face_jax.training.optimizers import ParamGroup, grouped_adam
-from face_jax.training.step import TrainState, make_train_step
+from face_jax.training.step import (
+  StepLayout,
+  TrainState,
+  compile_train_step,
+  make_train_step,
+  sharded_train_state,
+  state_logical_axes,
+  step_layout,
+)
 from face_jax.training.writer import MetricWriter
 
 MAP = "map"
@@ -61,6 +83,20 @@ BACKBONE = "backbone"
 FACE = "face"
 
 
+# Logical axes of the params {"backbone": ..., "face": ...}: the backbone's
+# tables as in pretraining, the FACE module replicated.
+FACE_AXES_TABLE = (
+  *(
+    (f"{BACKBONE}/{pattern}", axes)
+    for pattern, axes in pretrain.BACKBONE_AXES_TABLE
+  ),
+  (".*", None),
+)
+FACE_AXES = functools.partial(
+  parallel.logical_axes_by_path, table=FACE_AXES_TABLE
+)
+
+
 class FaceStageError(ValueError):
   """A FACE stage cannot run with this config or dataset."""
 
@@ -70,12 +106,15 @@ class FaceParts:
   """What every FACE stage builds before training or describing.
 
   Attributes:
-    backbone: the CF backbone.
-    graph: its graph, on the device.
-    llm: the frozen LLM.
+    backbone: the CF backbone, its tables padded for `mesh`.
+    graph: its graph, replicated on `mesh`.
+    llm: the frozen LLM, its weights laid out on `mesh`.
     vocabulary: the descriptor vocabulary (codebook tokens).
     model: the FACE module.
-    codebook: [v, token_dim] float32 frozen token rows of the vocabulary.
+    codebook: [v', token_dim] float32 frozen token rows of the vocabulary,
+      split by rows on `mesh`; v' is len(vocabulary) padded with zero rows
+      to the vocabulary shard count (`model.num_tokens` excludes them).
+    mesh: the device mesh of the stage.
   """
 
   backbone: backbones.Backbone
@@ -84,12 +123,19 @@ class FaceParts:
   vocabulary: Vocabulary
   model: face_lib.FACE
   codebook: jax.Array
+  mesh: Mesh
 
 
 def build_face_model(
-  config: ml_collections.ConfigDict, token_dim: int
+  config: ml_collections.ConfigDict,
+  token_dim: int,
+  num_tokens: int | None = None,
 ) -> face_lib.FACE:
-  """The FACE module of an experiment config for an LLM of `token_dim`."""
+  """The FACE module of an experiment config for an LLM of `token_dim`.
+
+  `num_tokens` is the real row count of a padded codebook (None: no
+  padding).
+  """
   face = config.face
   return face_lib.FACE(
     embed_dim=config.model.embed_dim,
@@ -102,7 +148,41 @@ def build_face_model(
     layer_norm_eps=face.layer_norm_eps,
     projection_init=face.projection_init,
     chunk_size=face.chunk_size,
+    num_tokens=num_tokens,
   )
+
+
+def vocabulary_codebook(
+  llm: LLM, vocabulary: Vocabulary, mesh: Mesh, rules: parallel.Rules
+) -> jax.Array:
+  """The vocabulary's token rows, gathered shard by shard onto `mesh`.
+
+  Args:
+    llm: the frozen LLM (its token table may be split over `mesh`).
+    vocabulary: the descriptor vocabulary.
+    mesh: the device mesh.
+    rules: logical-to-mesh rules.
+
+  Returns:
+    [v', hidden] float32, laid out by ("vocab", "embed"): v' is
+    len(vocabulary) rounded up to the shard count of "vocab", the extra
+    rows zero.
+  """
+  multiple = parallel.shard_count(mesh, rules, "vocab")
+  rows = parallel.round_up(len(vocabulary), multiple)
+  sharding = parallel.named_sharding(
+    mesh, rules, ("vocab", "embed"), (rows, llm.info.hidden_size)
+  )
+  ids = parallel.place_global(
+    np.asarray(vocabulary.token_ids, np.int32),
+    parallel.named_sharding(mesh, rules, ()),
+  )
+
+  @functools.partial(jax.jit, out_shardings=sharding)
+  def gather(table, ids):
+    return parallel.pad_rows_to(table[ids].astype(jnp.float32), multiple)
+
+  return gather(llm.token_table(llm.params), ids)
 
 
 def load_face_parts(
@@ -110,14 +190,21 @@ def load_face_parts(
   dataset: Dataset,
   backbone: backbones.Backbone | None = None,
   graph: Any = None,
+  mesh: Mesh | None = None,
 ) -> FaceParts:
   """Builds the backbone (unless given), loads the LLM and the codebook.
+
+  The LLM's weights are placed on the mesh as they are read (each device
+  receives only its slice), then the codebook is gathered from its token
+  table shard by shard.
 
   Args:
     config: the resolved experiment config.
     dataset: the dataset.
-    backbone: an already built backbone, with its `graph`.
-    graph: its graph (on the device).
+    backbone: an already built backbone (padded for `mesh`), with its
+      `graph`.
+    graph: its graph, replicated on `mesh`.
+    mesh: the device mesh; `make_mesh(config.mesh)` when None.
 
   Returns:
     The `FaceParts`.
@@ -125,10 +212,17 @@ def load_face_parts(
   Raises:
     FaceStageError: the vocabulary has fewer tokens than words per entity.
   """
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  rules = config.mesh.rules
   if backbone is None:
-    backbone, graph = backbones.build(config.model, dataset)
-    graph = jax.device_put(graph)
-  llm = load_llm(config.llm)
+    backbone, graph = pretrain.build_backbone(config, dataset, mesh)
+    graph = parallel.place_global(
+      graph, parallel.named_sharding(mesh, rules, ())
+    )
+  llm = load_llm(
+    config.llm,
+    shardings=parallel.sharding_by_path(mesh, rules, llm_layout.WEIGHT_AXES),
+  )
   vocabulary = descriptor_vocabulary(llm.tokenizer, config.vocab)
   if len(vocabulary) < config.face.num_words:
     raise FaceStageError(
@@ -136,21 +230,24 @@ def load_face_parts(
       f"entity needs config.face.num_words={config.face.num_words} distinct "
       "ones; raise config.vocab.size or lower num_words."
     )
-  table = llm.token_table(llm.params)
-  codebook = jnp.asarray(table[jnp.asarray(vocabulary.token_ids)], jnp.float32)
+  codebook = vocabulary_codebook(llm, vocabulary, mesh, rules)
   logging.info(
     "FACE codebook: %d tokens of %s (%d whole-word tokens before the list)",
     len(vocabulary),
     llm.info.name,
     vocabulary.whole_word_tokens,
   )
+  padded = codebook.shape[0] > len(vocabulary)
   return FaceParts(
     backbone=backbone,
     graph=graph,
     llm=llm,
     vocabulary=vocabulary,
-    model=build_face_model(config, llm.info.hidden_size),
+    model=build_face_model(
+      config, llm.info.hidden_size, len(vocabulary) if padded else None
+    ),
     codebook=codebook,
+    mesh=mesh,
   )
 
 
@@ -163,10 +260,15 @@ def param_labels(params: dict) -> dict:
 
 
 def face_optimizer(
-  config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict, params: Any = None
 ) -> optax.GradientTransformation:
   """Adam per group: FACE at face.learning_rate without L2; the backbone at
-  face.backbone_learning_rate with coupled L2 2 * model.reg_weight."""
+  face.backbone_learning_rate with coupled L2 2 * model.reg_weight.
+
+  Given `params` (arrays or shapes), the groups are labelled once for
+  their structure: the same optimiser, which `optax.tree_map_params` can
+  also map onto the params' layout (it refuses label functions).
+  """
   return grouped_adam(
     {
       FACE: ParamGroup(config.face.learning_rate),
@@ -174,38 +276,93 @@ def face_optimizer(
         config.face.backbone_learning_rate, 2.0 * config.model.reg_weight
       ),
     },
-    param_labels,
+    param_labels if params is None else param_labels(params),
   )
+
+
+def _face_init_rng(config: ml_collections.ConfigDict) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(config.seed), _FACE_INIT_STREAM)
+
+
+def _map_params_init(parts: FaceParts) -> Callable:
+  """(rng, backbone_params, codebook) -> {"backbone", "face"} params."""
+
+  def init(rng, backbone_params, codebook):
+    face_params = face_lib.init_params(parts.model, rng, codebook)
+    return {BACKBONE: backbone_params, FACE: face_params}
+
+  return init
 
 
 def initial_map_state(
   config: ml_collections.ConfigDict, parts: FaceParts, backbone_params: Any
 ) -> TrainState:
-  """Step-0 state of the map stage: given backbone, fresh FACE params."""
-  rng = jax.random.fold_in(jax.random.key(config.seed), _FACE_INIT_STREAM)
-  optimizer = face_optimizer(config)
+  """Step-0 state of the map stage: given backbone, fresh FACE params.
 
-  # One compiled program rather than op-by-op dispatch of the module's
-  # forward pass and of every moment's zeros.
-  @jax.jit
-  def create(backbone_params, rng, codebook):
-    face_params = face_lib.init_params(parts.model, rng, codebook)
-    params = {BACKBONE: backbone_params, FACE: face_params}
-    return TrainState.create(params, optimizer)
+  Created on `parts.mesh` as `FACE_AXES` lays it out, in one compiled
+  program (no device holds a whole sharded table or moment).
+  """
+  init = _map_params_init(parts)
+  rng = _face_init_rng(config)
+  shapes = jax.eval_shape(init, rng, backbone_params, parts.codebook)
+  return sharded_train_state(
+    init,
+    face_optimizer(config, shapes),
+    rng,
+    parts.mesh,
+    config.mesh.rules,
+    FACE_AXES,
+    backbone_params,
+    parts.codebook,
+  )
 
-  return create(backbone_params, rng, parts.codebook)
 
-
-def fresh_state(config: ml_collections.ConfigDict, params: dict) -> TrainState:
+def fresh_state(
+  config: ml_collections.ConfigDict, parts: FaceParts, params: dict
+) -> TrainState:
   """A step-0 state of `params` with a fresh optimiser state.
 
-  Made by a jitted function so that every leaf is placed like the params
-  (restored params are committed to their devices; eagerly created moment
-  counters would not be, and the train step would compile a second time
-  once its own outputs, all committed, come back as inputs).
+  Laid out on `parts.mesh` by `FACE_AXES`, whatever the params' layout;
+  the params themselves go in as arguments, not constants.
   """
-  optimizer = face_optimizer(config)
-  return jax.jit(lambda params: TrainState.create(params, optimizer))(params)
+  return sharded_train_state(
+    lambda rng, params: params,
+    face_optimizer(config, params),
+    _face_init_rng(config),
+    parts.mesh,
+    config.mesh.rules,
+    FACE_AXES,
+    params,
+  )
+
+
+def face_state_target(
+  config: ml_collections.ConfigDict, parts: FaceParts
+) -> TrainState:
+  """Shapes and shardings of a FACE stage's state on `parts.mesh`.
+
+  Nothing is allocated; restoring a checkpoint into it places every array
+  on the mesh, whatever mesh wrote it (padded table rows are cropped or
+  zero-filled, see `face_jax.training.checkpoints`).
+  """
+  init = _map_params_init(parts)
+
+  def params(rng, codebook):
+    return init(rng, parts.backbone.init(rng), codebook)
+
+  rng = _face_init_rng(config)
+  optimizer = face_optimizer(
+    config, jax.eval_shape(params, rng, parts.codebook)
+  )
+  shapes = jax.eval_shape(
+    lambda rng, codebook: TrainState.create(params(rng, codebook), optimizer),
+    rng,
+    parts.codebook,
+  )
+  logical = state_logical_axes(shapes, optimizer, FACE_AXES)
+  return parallel.abstract_target(
+    shapes, parts.mesh, config.mesh.rules, logical
+  )
 
 
 def sentence_layout(
@@ -458,6 +615,99 @@ def stage_rng(config: ml_collections.ConfigDict, stage: str) -> jax.Array:
   return jax.random.fold_in(key, _STAGE_STREAMS[stage])
 
 
+def constants_shardings(mesh: Mesh, constants: Any) -> Any:
+  """Where each leaf of a stage's constants goes on `mesh`.
+
+  An array already laid out on `mesh` (the LLM's weights, the codebook,
+  the profile rows, the graph) keeps its layout; anything else (host
+  arrays, arrays on one device) is replicated.
+
+  Returns:
+    A tree of NamedShardings like `constants`.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def sharding(leaf):
+    if isinstance(leaf, jax.Array):
+      placed = leaf.sharding
+      if isinstance(placed, NamedSharding) and placed.mesh == mesh:
+        return placed
+    return replicated
+
+  return jax.tree.map(sharding, constants)
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceStep:
+  """A FACE stage's step, compiled for its mesh, and its arguments.
+
+  Attributes:
+    train_step: the compiled step (state, batch, constants, rng) ->
+      (state, metrics); host batches are split as `layout.batch` says.
+    constants: the constants argument, placed on the mesh.
+    rng: base rng of the steps, replicated.
+    layout: where the step's arguments live.
+  """
+
+  train_step: Callable
+  constants: Any
+  rng: jax.Array
+  layout: StepLayout
+
+
+def setup_face_step(
+  stage: str,
+  config: ml_collections.ConfigDict,
+  parts: FaceParts,
+  state: TrainState,
+  constants: dict[str, Any],
+) -> FaceStep:
+  """Lays out and compiles the train step of a FACE stage on `parts.mesh`.
+
+  The batch is split over "batch", the state keeps its `FACE_AXES` layout
+  (as `initial_map_state` and `fresh_state` create it) and the constants
+  theirs (`constants_shardings`). The compiled step's memory per device is
+  logged before it returns.
+
+  Args:
+    stage: MAP or ALIGN.
+    config: the resolved experiment config.
+    parts: the stage's parts.
+    state: the step-0 state (arrays or ShapeDtypeStructs with shardings).
+    constants: the constants pytree (see the module docstring).
+
+  Returns:
+    The FaceStep.
+  """
+  mesh, rules = parts.mesh, config.mesh.rules
+  optimizer = face_optimizer(config, state.params)
+  batch = pretrain.batch_spec(config[stage].batch_size)
+  layout = step_layout(
+    mesh,
+    rules,
+    state,
+    optimizer,
+    FACE_AXES,
+    batch,
+    pretrain.BATCH_AXES,
+    constants_shardings(mesh, constants),
+  )
+  constants = layout.place(constants)
+  rng = parallel.place_global(stage_rng(config, stage), layout.replicated)
+  train_step = compile_train_step(
+    make_train_step(
+      make_face_loss(config, parts, align=stage == ALIGN), optimizer, layout
+    ),
+    f"{stage} step ({parts.backbone.name}, mesh {dict(mesh.shape)})",
+    layout,
+    state,
+    batch,
+    constants,
+    rng,
+  )
+  return FaceStep(train_step, constants, rng, layout)
+
+
 def run_face_stage(
   *,
   stage: str,
@@ -483,18 +733,15 @@ def run_face_stage(
     parts.backbone, parts.graph, tuple(config.eval.ks)
   )
   valid = prepare_ranking(dataset, "valid", config.eval.batch_size)
-  train_step = make_train_step(
-    make_face_loss(config, parts, align=stage == ALIGN),
-    face_optimizer(config),
-  )
+  step = setup_face_step(stage, config, parts, state, constants)
   result = fit(
     stage=stage,
     state=state,
-    train_step=train_step,
+    train_step=step.train_step,
     make_batches=make_batches,
     evaluate=lambda params: score(params[BACKBONE], valid),
-    graph=constants,
-    rng=stage_rng(config, stage),
+    graph=step.constants,
+    rng=step.rng,
     checkpoint_dir=stage_dir / "checkpoints",
     writer=writer,
     options=pretrain.fit_options(config, section),
@@ -524,6 +771,9 @@ def restore_face_params(
 ) -> dict:
   """The best params {"backbone", "face"} of a finished FACE stage.
 
+  They are read straight into their layout on `parts.mesh`, whatever mesh
+  wrote them.
+
   Raises:
     FileNotFoundError: the stage has not finished in stage_dir.
   """
@@ -533,13 +783,10 @@ def restore_face_params(
       f"No finished {stage_dir.name} stage in {stage_dir}; run the earlier "
       "stages first (python -m face_jax.main with the same workdir)."
     )
-  # Any params of the right structure serve as the restore target.
-  template = initial_map_state(
-    config, parts, parts.backbone.init(jax.random.key(0))
-  )
+  target = face_state_target(config, parts)
   saved = checkpoints.EpochCheckpoints(stage_dir / "checkpoints")
   try:
-    state, _ = saved.restore(result["best_epoch"], template)
+    state, _ = saved.restore(result["best_epoch"], target)
   finally:
     saved.close()
   return state.params
@@ -625,10 +872,11 @@ def run_map(
   Returns:
     See `run_face_stage`.
   """
+  mesh = parallel.make_mesh(config.mesh)
   backbone, graph, backbone_params = pretrain.restore_pretrained(
-    config, dataset, stage_dir.parent / pretrain.STAGE
+    config, dataset, stage_dir.parent / pretrain.STAGE, mesh
   )
-  parts = load_face_parts(config, dataset, backbone, graph)
+  parts = load_face_parts(config, dataset, backbone, graph, mesh)
   return run_face_stage(
     stage=MAP,
     config=config,
@@ -648,8 +896,17 @@ def align_constants(
   dataset: Dataset,
   workdir: pathlib.Path,
 ) -> dict[str, Any]:
-  """The constants pytree of the align step (see the module docstring)."""
+  """The constants pytree of the align step (see the module docstring).
+
+  The profile embeddings are split by entity rows on `parts.mesh` (padded
+  with zero rows to the shard counts of "users" and "items"; the step
+  only gathers the rows of real ids).
+  """
   users, items = profile_targets(config, parts.llm, dataset, workdir)
+  users, items = (
+    _rows_on_mesh(profiles, name, parts.mesh, config.mesh.rules)
+    for profiles, name in ((users, "users"), (items, "items"))
+  )
   return {
     "graph": parts.graph,
     "codebook": parts.codebook,
@@ -657,9 +914,20 @@ def align_constants(
     "layout": sentence_layout(
       parts.llm, config.data.item_noun, config.face.num_words
     ),
-    "user_profiles": jnp.asarray(users),
-    "item_profiles": jnp.asarray(items),
+    "user_profiles": users,
+    "item_profiles": items,
   }
+
+
+def _rows_on_mesh(
+  table: np.ndarray, name: str, mesh: Mesh, rules: parallel.Rules
+) -> jax.Array:
+  """[rows, h] host table padded and split by rows of logical axis `name`."""
+  multiple = parallel.shard_count(mesh, rules, name)
+  padded = np.pad(table, ((0, -len(table) % multiple), (0, 0)))
+  return parallel.place_global(
+    padded, parallel.named_sharding(mesh, rules, (name, "embed"), padded.shape)
+  )
 
 
 def run_align(
@@ -693,7 +961,7 @@ def run_align(
     config=config,
     dataset=dataset,
     parts=parts,
-    state=fresh_state(config, params),
+    state=fresh_state(config, parts, params),
     constants=constants,
     stage_dir=stage_dir,
     writer=writer,

@@ -126,14 +126,26 @@ def propagation_for(name: str, multiples: tuple[int, int]) -> str:
   return name
 
 
-def _build(config, dataset, mesh):
-  """Backbone (tables padded for `mesh`), its graph and the optimiser."""
+def build_backbone(
+  config: ml_collections.ConfigDict, dataset: Dataset, mesh: Mesh
+) -> tuple[backbones.Backbone, Any]:
+  """The backbone of `config.model` laid out for `mesh`, and its graph.
+
+  Its tables are padded to the shard counts of the user and item rows and
+  its propagation is one that XLA can split (see `propagation_for`); the
+  graph is not placed on the mesh yet.
+  """
   multiples = row_multiples(mesh, config.mesh.rules)
   model_config = config.model.copy_and_resolve_references()
   model_config.propagation = propagation_for(
     config.model.propagation, multiples
   )
-  backbone, graph = backbones.build(model_config, dataset, multiples)
+  return backbones.build(model_config, dataset, multiples)
+
+
+def _build(config, dataset, mesh):
+  """Backbone (tables padded for `mesh`), its graph and the optimiser."""
+  backbone, graph = build_backbone(config, dataset, mesh)
   optimizer = adam_coupled_l2(
     config.pretrain.learning_rate, 2.0 * config.model.reg_weight
   )

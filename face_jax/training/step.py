@@ -86,25 +86,40 @@ def state_logical_axes(
 ) -> TrainState:
   """Logical axes of every leaf of a train state.
 
+  An optimiser leaf is laid out like a parameter when its key path ends
+  with that parameter's path and it has the parameter's shape (Adam's
+  moments, also those of each group of `optax.multi_transform`, whose
+  entries of other groups are masked); any other leaf (counts) is
+  replicated.
+
   Args:
     state: a TrainState of arrays or `jax.ShapeDtypeStruct`s.
-    optimizer: the transformation that made `state.opt_state`.
+    optimizer: the transformation that made `state.opt_state`; unused,
+      its state's key paths say everything.
     params_axes: logical axes of `state.params` (tree or function of it).
 
   Returns:
     A TrainState of logical axes: the step replicated, the params as
-    given, each optimiser leaf shaped like a parameter (Adam's moments)
-    as that parameter, other optimiser leaves (counts) replicated.
+    given, the optimiser leaves as above.
   """
+  del optimizer
   if callable(params_axes):
     params_axes = params_axes(state.params)
-  opt_axes = optax.tree_map_params(
-    optimizer,
-    lambda _, axes: axes,
-    state.opt_state,
-    params_axes,
-    transform_non_params=lambda _: None,
-  )
+  axes_leaves = jax.tree.leaves(params_axes, is_leaf=parallel.is_logical_axes)
+  params = jax.tree_util.tree_leaves_with_path(state.params)
+  by_path = {
+    tuple(path): (tuple(leaf.shape), axes)
+    for (path, leaf), axes in zip(params, axes_leaves, strict=True)
+  }
+
+  def moment_axes(path, leaf):
+    for start in range(len(path)):
+      shape, axes = by_path.get(tuple(path[start:]), (None, None))
+      if shape == tuple(leaf.shape):
+        return axes
+    return None
+
+  opt_axes = jax.tree_util.tree_map_with_path(moment_axes, state.opt_state)
   return TrainState(step=(), params=params_axes, opt_state=opt_axes)
 
 
