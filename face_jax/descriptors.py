@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from face_jax import parallel
 from face_jax.data import Dataset
 from face_jax.models import alignment
 from face_jax.models import face as face_lib
@@ -320,7 +321,8 @@ def run_descriptors(
     )
     for stage in face_stages.finished_face_stages(workdir)
   }
-  write_descriptors(stage_dir, parts.vocabulary.words, tokens[after], dataset)
+  if parallel.is_main_process():
+    write_descriptors(stage_dir, parts.vocabulary.words, tokens[after], dataset)
   final = np.concatenate([tokens[after]["user"], tokens[after]["item"]])
   result = {
     "after": after,

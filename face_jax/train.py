@@ -10,6 +10,10 @@ final (the backbone alone beside the backbone after FACE) and descriptors
 unfinished stage from its last checkpoint. All results are gathered in
 `<workdir>/metrics.json`.
 
+In a multi-process job every process runs every stage (checkpoints are
+saved and restored collectively) and process 0 alone writes the other
+files: the config, results, metrics, descriptors and cached embeddings.
+
 The align stage needs user and item texts; without them it is skipped with
 a message and the job ends after map (its final and descriptor stages
 report on map). Final and descriptors are derived from the stages before
@@ -29,7 +33,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from face_jax import data, descriptors
+from face_jax import data, descriptors, parallel
 from face_jax.data import Dataset
 from face_jax.training import checkpoints, face_stages, final_stage, pretrain
 from face_jax.training.writer import MetricWriter
@@ -145,7 +149,16 @@ def resolve_config(
   return resolved
 
 
+def _write_json(path: pathlib.Path, payload: Any) -> None:
+  """Process 0 writes `path`; every process waits until it is written."""
+  if parallel.is_main_process():
+    checkpoints.write_json_atomic(path, payload)
+  parallel.sync_processes(f"wrote {path}")
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  if not parallel.is_main_process():
+    return
   path = workdir / "config.json"
   payload = json.loads(config.to_json_best_effort())
   previous = checkpoints.read_json(path)
@@ -190,18 +203,20 @@ def run_stages(
         logging.warning("%s: skipped. %s", stage.name, reason)
         skipped.append(f"{stage.name}: {reason}")
         results[stage.name] = {"skipped": reason}
-        checkpoints.write_json_atomic(workdir / "metrics.json", results)
+        _write_json(workdir / "metrics.json", results)
         continue
       if done is not None and not (stage.derived and ran_earlier):
         logging.info("%s: finished earlier (%s), skipped.", stage.name, marker)
       else:
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        if parallel.is_main_process():
+          stage_dir.mkdir(parents=True, exist_ok=True)
         done = stage.run(config, dataset, stage_dir, writer)
-        checkpoints.write_json_atomic(marker, done)
+        # Later stages read it (the best epoch), on every process.
+        _write_json(marker, done)
         ran_earlier = True
         logging.info("%s: done, %s", stage.name, done)
       results[stage.name] = done
-      checkpoints.write_json_atomic(workdir / "metrics.json", results)
+      _write_json(workdir / "metrics.json", results)
   finally:
     writer.close()
   for line in skipped:
@@ -232,7 +247,8 @@ def train_and_evaluate(
   stages = stages_until(stop_after)
   config = resolve_config(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  if parallel.is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
   _write_config(config, workdir)
   if dataset is None:
     dataset = data.load_dataset(config.data)

@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from face_jax import parallel
 from face_jax.llm.model import LLM
 
 # Padded lengths of batches; max_length closes the list. Steps of 16 keep
@@ -173,6 +174,8 @@ def profile_embeddings(
     progress=progress,
     description=f"{name} profiles",
   )
-  _atomic_save(path, embeddings)
-  logging.info("Wrote %s profile embeddings to %s", name, path)
+  if parallel.is_main_process():
+    # Every process encoded the same texts; one copy of the cache is kept.
+    _atomic_save(path, embeddings)
+    logging.info("Wrote %s profile embeddings to %s", name, path)
   return embeddings

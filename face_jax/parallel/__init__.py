@@ -9,6 +9,7 @@ from face_jax.parallel.distributed import (
   is_main_process,
   maybe_initialize,
   quiet_other_processes,
+  sync_processes,
 )
 from face_jax.parallel.memory import (
   MemoryReport,
@@ -83,6 +84,7 @@ __all__ = [
   "sharded_init",
   "sharded_top_w",
   "sharding_by_path",
+  "sync_processes",
   "tree_shardings",
   "use_mesh",
   "vocab_top_w",

@@ -25,6 +25,7 @@ import logging as std_logging
 import jax
 import ml_collections
 from absl import logging
+from jax.experimental import multihost_utils
 
 from face_jax.parallel.mesh import ShardingError
 
@@ -79,6 +80,20 @@ def maybe_initialize(mesh_config: ml_collections.ConfigDict) -> bool:
 def is_main_process() -> bool:
   """Whether this is process 0, the one that writes logs and metrics."""
   return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process of the job has reached this call.
+
+  Call it on every process after process 0 alone wrote a file that the
+  others read next (a finished stage's results): past the barrier the file
+  is there for all of them. Nothing happens in a single-process job.
+
+  Args:
+    name: the same string on every process, naming the barrier.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class _OtherProcessFilter(std_logging.Filter):
