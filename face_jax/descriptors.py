@@ -96,6 +96,8 @@ def describe_all(
     {"user": [num_users, W], "item": [num_items, W]} int32 indices into
     the vocabulary.
   """
+  # TODO(#5): np.asarray below needs arrays whole on this host; on several
+  # hosts gather them first (multihost_utils.process_allgather).
   users, items = jax.jit(parts.backbone.embed)(
     params[face_stages.BACKBONE], parts.graph
   )
