@@ -606,6 +606,13 @@ def align_skip_reason(
   return None if dataset.has_text else no_text_reason(dataset)
 
 
+def _one_device_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """A mesh of config.mesh's axes, each of size 1, on the first device."""
+  axes = tuple(config.mesh.axes)
+  devices = np.array(jax.devices()[:1]).reshape((1,) * len(axes))
+  return jax.sharding.Mesh(devices, axes)
+
+
 def run_map(
   config: ml_collections.ConfigDict,
   dataset: Dataset,
@@ -625,8 +632,20 @@ def run_map(
   Returns:
     See `run_face_stage`.
   """
+  # TODO(#5): the map and align steps run on one device until they take
+  # the mesh's shardings; a backbone restored across devices would make
+  # their unsharded jit recompile as XLA picks output layouts.
   backbone, graph, backbone_params = pretrain.restore_pretrained(
-    config, dataset, stage_dir.parent / pretrain.STAGE
+    config,
+    dataset,
+    stage_dir.parent / pretrain.STAGE,
+    mesh=_one_device_mesh(config),
+  )
+  # Through the host, so that the tables enter the unsharded step as it
+  # returns them (no sharding annotation) and its second call reuses the
+  # first's dispatch.
+  backbone_params, graph = jax.tree.map(
+    jnp.asarray, jax.device_get((backbone_params, graph))
   )
   parts = load_face_parts(config, dataset, backbone, graph)
   return run_face_stage(
