@@ -42,6 +42,7 @@ from face_jax.training.step import (
   TrainState,
   compile_train_step,
   make_train_step,
+  resolve_rng_impl,
   sharded_train_state,
   state_logical_axes,
   step_layout,
@@ -206,8 +207,10 @@ def setup_pretraining(
   )
   # Graph arrays go to the devices once, not with every step.
   graph = layout.place(graph)
+  impl = resolve_rng_impl(config.face.rng_impl, jax.device_count())
   rng = parallel.place_global(
-    jax.random.fold_in(jax.random.key(config.seed), 1), layout.replicated
+    jax.random.fold_in(jax.random.key(config.seed, impl=impl), 1),
+    layout.replicated,
   )
 
   def loss_terms(params, graph, batch, rng):
