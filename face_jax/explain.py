@@ -36,8 +36,8 @@ def main(argv):
   writer.quiet_checkpoint_logs()
   try:
     run = runs.open_run(_WORKDIR.value)
+    # Checked before the dataset and the model are loaded.
     if _USER.value is not None:
-      # Checked before the (slower) model is loaded.
       run.record("user", _USER.value)
     else:
       run.record("item", _ITEM.value)

@@ -68,9 +68,10 @@ def top_items(
 class Explainer:
   """Explains the users and items of a finished run.
 
-  Building one loads the dataset, the LLM's vocabulary (the restore needs
-  the FACE parameters' shapes) and the best params of the last FACE stage,
-  and computes every user's and item's final embedding once.
+  Building one loads the dataset. The first user explanation also loads
+  the LLM's vocabulary (the restore needs the FACE parameters' shapes) and
+  the best params of the last FACE stage, and computes every user's and
+  item's final embedding once; items are explained without them.
 
   Args:
     run: the finished run (`face_jax.runs.open_run`).
@@ -93,21 +94,37 @@ class Explainer:
       )
     self.run = run
     self.dataset = dataset
-    parts = face_stages.load_face_parts(run.config, dataset)
-    params = face_stages.restore_face_params(
-      run.config, parts, run.workdir / run.stage
-    )
-    users, items = jax.jit(parts.backbone.embed)(
-      params[face_stages.BACKBONE], parts.graph
-    )
-    self.user_table = np.asarray(users)
-    self.item_table = np.asarray(items)
+    self._tables: tuple[np.ndarray, np.ndarray] | None = None
     self._train = _items_by_user(dataset.train, dataset.num_users)
     self._valid = _items_by_user(dataset.valid, dataset.num_users)
     self._test = _items_by_user(dataset.test, dataset.num_users)
     self._item_train_users = np.bincount(
       dataset.train[:, 1], minlength=dataset.num_items
     )
+
+  def _embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+    """([num_users, d], [num_items, d]) final embeddings, computed once."""
+    if self._tables is None:
+      run = self.run
+      parts = face_stages.load_face_parts(run.config, self.dataset)
+      params = face_stages.restore_face_params(
+        run.config, parts, run.workdir / run.stage
+      )
+      users, items = jax.jit(parts.backbone.embed)(
+        params[face_stages.BACKBONE], parts.graph
+      )
+      self._tables = np.asarray(users), np.asarray(items)
+    return self._tables
+
+  @property
+  def user_table(self) -> np.ndarray:
+    """[num_users, d] users' embeddings by the trained backbone."""
+    return self._embeddings()[0]
+
+  @property
+  def item_table(self) -> np.ndarray:
+    """[num_items, d] items' embeddings by the trained backbone."""
+    return self._embeddings()[1]
 
   def user(self, user: int, top_k: int = 10) -> dict[str, Any]:
     """The explanation of one user.

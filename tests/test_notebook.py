@@ -14,6 +14,14 @@ import matplotlib.pyplot as plt
 import pytest
 from _finished_run import finished_run
 
+_METRICS = (
+  "recall@5",
+  "recall@10",
+  "recall@20",
+  "ndcg@5",
+  "ndcg@10",
+  "ndcg@20",
+)
 _NOTEBOOK = (
   pathlib.Path(__file__).resolve().parents[1] / "notebooks/explore_run.ipynb"
 )
@@ -52,6 +60,11 @@ def test_notebook_runs_on_a_finished_run(tmp_path_factory, monkeypatch):
     words = ", ".join(run.descriptors["user"][entity]["words"])
     assert f"user {entity} (align): {words}" in output
   assert "retrieval shuffled" in output
+  test = run.results["align"]["test"]
+  align_test = next(
+    line for line in output.splitlines() if line.startswith("align    test")
+  )
+  assert align_test.split()[3:] == [f"{test[name]:.4f}" for name in _METRICS]
   assert "user 0, descriptors after align" in output
   assert output.count("       words: ") == 5
   bars, curves = figures
