@@ -68,6 +68,15 @@ def fit_options(
   config: ml_collections.ConfigDict, section: ml_collections.ConfigDict
 ) -> FitOptions:
   """Loop options of a stage from its config section and the shared ones."""
+  if "learning_rate" in section:
+    # Pretraining: one Adam over the backbone.
+    learning_rates = {"backbone": section.learning_rate}
+  else:
+    # FACE stages: one Adam per parameter group (see face_optimizer).
+    learning_rates = {
+      "face": config.face.learning_rate,
+      "backbone": config.face.backbone_learning_rate,
+    }
   return FitOptions(
     max_epochs=section.max_epochs,
     patience=section.patience,
@@ -75,6 +84,7 @@ def fit_options(
     log_every=section.log_every,
     progress_bar=config.log.progress_bar,
     async_save=config.checkpoint.async_save,
+    learning_rates=learning_rates,
   )
 
 

@@ -42,7 +42,8 @@ from face_jax import parallel
 # (params, graph, batch, rng) -> {loss name: weighted scalar}; the training
 # loss is the sum of the terms.
 LossFn = Callable[[Any, Any, dict[str, jax.Array], jax.Array], dict]
-# (state, batch, graph, rng) -> (state, {"loss": total, **terms}).
+# (state, batch, graph, rng) -> (state, {"loss": total, **terms,
+# "grad_norm": global gradient norm}).
 TrainStep = Callable[..., tuple["TrainState", dict[str, jax.Array]]]
 
 
@@ -313,7 +314,8 @@ def make_train_step(
       device).
 
   Returns:
-    The jitted step; `metrics` holds "loss" (the sum) and every term.
+    The jitted step; `metrics` holds "loss" (the sum), every term and
+    "grad_norm" (the global L2 norm of the gradient).
   """
 
   def train_step(state: TrainState, batch, graph, rng):
@@ -332,7 +334,12 @@ def make_train_step(
       params=optax.apply_updates(state.params, updates),
       opt_state=opt_state,
     )
-    return new_state, {"loss": loss, **terms}
+    # The norm of the whole gradient, before the optimiser, for the logs.
+    return new_state, {
+      "loss": loss,
+      **terms,
+      "grad_norm": optax.tree.norm(grads),
+    }
 
   if layout is None:
     return jax.jit(train_step, donate_argnums=0)
