@@ -39,6 +39,8 @@ setuptools.setup(
   ],
   extras_require={
     "test": [
+      # The notebook test draws its charts headless (Agg).
+      "matplotlib>=3.7",
       "pytest>=8",
       "ruff>=0.6",
     ],

@@ -298,7 +298,7 @@ def measure_job(config, dataset, load_before) -> list[dict]:
         "backbone_metrics": backbone["test"],
         "backbone_valid_metrics": backbone["valid"],
         "retrieval": retrieval.get(stage),
-        "random_retrieval": retrieval.get("random"),
+        "shuffled_retrieval": retrieval.get("shuffled"),
         "epochs": result["epochs"],
         "best_epoch": result["best_epoch"],
         "max_epochs": section.max_epochs,

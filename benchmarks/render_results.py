@@ -93,12 +93,15 @@ def _pair(before, after) -> str:
 
 def _retrieval(run: dict, kind: str) -> str:
   scores = (run.get("retrieval") or {}).get(kind)
-  floor = (run.get("random_retrieval") or {}).get(kind)
   if not scores:
     return ""
   text = f"{scores['top1']:.3f} / {scores['top10']:.3f}"
-  if floor:
-    text += f" (random {floor['top1']:.3f} / {floor['top10']:.3f})"
+  # Earlier runs measured the floor with random descriptors, later ones
+  # with the real descriptors shuffled across entities.
+  for name in ("shuffled", "random"):
+    floor = (run.get(f"{name}_retrieval") or {}).get(kind)
+    if floor:
+      text += f" ({name} {floor['top1']:.3f} / {floor['top10']:.3f})"
   return text
 
 
@@ -160,7 +163,8 @@ _NOTES.update(
     "stage (the backbone is scored; FACE does not change scoring). Retrieval: "
     "fraction of entities whose descriptor sentence, encoded by the frozen "
     "LLM, ranks its own profile first / in the top 10 among all profiles of "
-    "its type, beside random descriptors.",
+    "its type, beside the floor: random descriptors (earlier runs) or the "
+    "real ones shuffled across entities.",
     "align": "As for map, after the align stage.",
     "face_step": "Median wall time of one jitted train step after a compiling "
     "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "

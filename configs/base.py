@@ -100,9 +100,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # batch 256, W 16). Larger chunks search faster on CPU (batch 256, 7,957
   # tokens: 0.58 s at 4096, 0.67 s at 2048, 0.85 s at 1024).
   config.face.chunk_size = 4096
-  # JAX PRNG behind the FACE stages' randomness (FACE and LLM dropout, edge
-  # drop): "philox4x32", "threefry2x32" (JAX's default) or "auto". Philox
-  # draws dropout masks about 10x faster than threefry on CPU, but its
+  # JAX PRNG behind the train steps' randomness (FACE and LLM dropout, edge
+  # drop, SimGCL noise; pretraining too): "philox4x32", "threefry2x32"
+  # (JAX's default) or "auto". Philox draws them 3-10x faster on CPU, but its
   # multiply-high op fails to compile in a step partitioned over several
   # devices (jax 0.10); "auto" takes philox on one device, else threefry.
   config.face.rng_impl = "auto"

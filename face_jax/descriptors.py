@@ -10,16 +10,22 @@ were aligned to, to `<workdir>/descriptors/`:
 - descriptors.tsv: the same as tab-separated columns type, id, words
   (comma-separated), text.
 
-When the dataset has texts it also measures how well the descriptors speak
-for their entity: each entity's descriptor sentence (the training prompt
-with the W words as real tokens, e.g. "The user and his likes can be
+It also measures the descriptors (see
+`face_jax.evaluation.descriptor_quality`): codebook usage (distinct tokens,
+perplexity, most used words), stability (share of words unchanged from the
+map to the align stage) and, when the dataset has texts, how well they
+speak for their entity: each entity's descriptor sentence (the training
+prompt with the W words as real tokens, e.g. "The user and his likes can be
 described as the following words: drama, war, ...") is encoded by the frozen
 LLM without dropout and compared by cosine with the profile embeddings of
 all entities of its type. The fraction of entities whose own profile ranks
 first (top-1) and within the first 10 (top-10) is reported for every
-finished FACE stage and for random descriptors (W distinct vocabulary
-tokens per entity, seeded), the floor to beat. A profile that ties with the
-entity's own counts as ranked above it.
+finished FACE stage and for shuffled descriptors (the last stage's,
+permuted across the entities of a type), the floor to beat. A profile that
+ties with the entity's own counts as ranked above it.
+
+`python -m face_jax.quality --workdir=...` computes the same measures for
+any workdir whose FACE stages have finished.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 
 from face_jax import parallel
 from face_jax.data import Dataset
+from face_jax.evaluation import descriptor_quality as descriptor_quality_lib
 from face_jax.models import alignment
 from face_jax.models import face as face_lib
 from face_jax.training import face_stages
@@ -48,12 +56,15 @@ JSONL_FILE = "descriptors.jsonl"
 TSV_FILE = "descriptors.tsv"
 ENTITY_TYPES = {"user": alignment.USER, "item": alignment.ITEM}
 
-# Seed stream of the random descriptors and of the entity sample.
+# Seed stream of the shuffled descriptors and of the entity sample.
 _RANDOM_STREAM = 30
 
 
 def _in_batches(
-  fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], batch_size: int
+  fn: Callable[..., jax.Array],
+  arrays: Sequence[np.ndarray],
+  batch_size: int,
+  progress: str | None = None,
 ) -> np.ndarray:
   """fn over fixed-size row batches of arrays (the last padded), joined.
 
@@ -63,13 +74,17 @@ def _in_batches(
     fn: batch of each array -> [batch_size, ...] result.
     arrays: arrays with the same number of rows.
     batch_size: rows per call.
+    progress: label of a progress bar over the rows; None for none.
 
   Returns:
     The results of all rows, concatenated, padding dropped.
   """
   count = arrays[0].shape[0]
   outputs = []
-  for start in range(0, count, batch_size):
+  starts = range(0, count, batch_size)
+  if progress is not None:
+    starts = tqdm.tqdm(starts, desc=progress, unit="batch", leave=False)
+  for start in starts:
     size = min(batch_size, count - start)
     batches = [
       np.pad(
@@ -83,7 +98,10 @@ def _in_batches(
 
 
 def describe_all(
-  parts: face_stages.FaceParts, params: dict, batch_size: int
+  parts: face_stages.FaceParts,
+  params: dict,
+  batch_size: int,
+  progress: str | None = None,
 ) -> dict[str, np.ndarray]:
   """Every user's and item's descriptor tokens.
 
@@ -91,6 +109,7 @@ def describe_all(
     parts: the FACE stage parts.
     params: {"backbone", "face"} params.
     batch_size: entities per FACE call.
+    progress: label of progress bars over the entities; None for none.
 
   Returns:
     {"user": [num_users, W], "item": [num_items, W]} int32 indices into
@@ -113,30 +132,14 @@ def describe_all(
     )
 
   return {
-    "user": _in_batches(describe, [np.asarray(users)], batch_size),
-    "item": _in_batches(describe, [np.asarray(items)], batch_size),
-  }
-
-
-def random_descriptors(
-  count: int, vocabulary_size: int, num_words: int, rng: np.random.Generator
-) -> np.ndarray:
-  """[count, num_words] int32: distinct uniform vocabulary indices a row."""
-  if num_words > vocabulary_size:
-    raise ValueError(
-      f"Cannot draw {num_words} distinct tokens from {vocabulary_size}; use "
-      "fewer words or a larger vocabulary."
+    kind: _in_batches(
+      describe,
+      [np.asarray(table)],
+      batch_size,
+      None if progress is None else f"{progress} {kind}s",
     )
-  chunks = []
-  # The smallest num_words of uniform keys are a uniform sample without
-  # replacement; rows in chunks keep the key matrix small.
-  for start in range(0, count, 1024):
-    keys = rng.random((min(1024, count - start), vocabulary_size))
-    picked = np.argpartition(keys, num_words - 1, axis=1)[:, :num_words]
-    chunks.append(picked)
-  if not chunks:
-    return np.zeros((0, num_words), np.int32)
-  return np.concatenate(chunks).astype(np.int32)
+    for kind, table in (("user", users), ("item", items))
+  }
 
 
 def sentence_ids(
@@ -268,6 +271,7 @@ class _RetrievalProbe:
         chosen = np.sort(rng.choice(count, limit, replace=False))
       self.rows[kind] = chosen
     self._encode = jax.jit(self._llm.encode_ids)
+    self._progress = config.log.progress_bar
 
   def measure(self, tokens: dict[str, np.ndarray]) -> dict[str, Any]:
     """Top-k self-retrieval per entity type for vocabulary indices."""
@@ -279,6 +283,7 @@ class _RetrievalProbe:
         lambda ids, mask: self._encode(self._llm.params, ids, mask),
         [ids, mask],
         self._batch_size,
+        f"retrieval {kind}s" if self._progress else None,
       )
       result[kind] = self_retrieval(
         queries, self._profiles[kind], rows, self._ks
@@ -287,13 +292,125 @@ class _RetrievalProbe:
     return result
 
 
+def describe_stages(
+  config: ml_collections.ConfigDict,
+  parts: face_stages.FaceParts,
+  workdir: pathlib.Path,
+) -> dict[str, dict[str, np.ndarray]]:
+  """The descriptors after every finished FACE stage of a workdir.
+
+  Args:
+    config: the resolved experiment config of the workdir.
+    parts: the FACE stage parts.
+    workdir: the experiment folder.
+
+  Returns:
+    Stage ("map", then "align" when finished) -> `describe_all` result.
+
+  Raises:
+    FileNotFoundError: no FACE stage has finished in workdir.
+  """
+  stages = face_stages.finished_face_stages(workdir)
+  if not stages:
+    raise FileNotFoundError(
+      f"No finished map stage in {workdir}; run the map stage first."
+    )
+  return {
+    stage: describe_all(
+      parts,
+      face_stages.restore_face_params(config, parts, workdir / stage),
+      config.descriptors.batch_size,
+      progress=f"describe ({stage})" if config.log.progress_bar else None,
+    )
+    for stage in stages
+  }
+
+
+def _both_types(tokens: dict[str, np.ndarray]) -> np.ndarray:
+  return np.concatenate([tokens["user"], tokens["item"]])
+
+
+def descriptor_quality(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  parts: face_stages.FaceParts,
+  workdir: pathlib.Path,
+  tokens: dict[str, dict[str, np.ndarray]],
+) -> dict[str, Any]:
+  """Usage, stability and retrieval quality of a run's descriptors.
+
+  Args:
+    config: the resolved experiment config of the workdir.
+    dataset: its dataset.
+    parts: the FACE stage parts.
+    workdir: the experiment folder (for the cached profile embeddings).
+    tokens: `describe_stages(config, parts, workdir)`.
+
+  Returns:
+    {"usage": {"all", "user", "item": `codebook_usage` of the last
+    stage's descriptors}, "stability": {"all", "user", "item": share of
+    words unchanged from map to align} (only when align finished),
+    "retrieval": {stage or "shuffled": {"user", "item": top-k profile
+    retrieval}} (only with texts; "shuffled" is the last stage's
+    descriptors permuted across entities, the floor)}.
+  """
+  words = parts.vocabulary.words
+  final = tokens[list(tokens)[-1]]
+  result = {
+    "usage": {
+      "all": descriptor_quality_lib.codebook_usage(_both_types(final), words),
+      **{
+        kind: descriptor_quality_lib.codebook_usage(final[kind], words)
+        for kind in ENTITY_TYPES
+      },
+    }
+  }
+  if face_stages.ALIGN in tokens:
+    before, after = tokens[face_stages.MAP], tokens[face_stages.ALIGN]
+    result["stability"] = {
+      "all": descriptor_quality_lib.stability(
+        _both_types(before), _both_types(after)
+      ),
+      **{
+        kind: descriptor_quality_lib.stability(before[kind], after[kind])
+        for kind in ENTITY_TYPES
+      },
+    }
+  if not dataset.has_text:
+    logging.info("No texts: descriptors without retrieval scores.")
+    return result
+  probe = _RetrievalProbe(config, parts, dataset, workdir)
+  rng = np.random.default_rng([config.seed, _RANDOM_STREAM, 1])
+  measured = dict(tokens)
+  measured["shuffled"] = {
+    kind: descriptor_quality_lib.shuffled_descriptors(final[kind], rng)
+    for kind in ENTITY_TYPES
+  }
+  result["retrieval"] = {
+    name: probe.measure(stage_tokens) for name, stage_tokens in measured.items()
+  }
+  return result
+
+
+def run_quality(
+  config: ml_collections.ConfigDict,
+  dataset: Dataset,
+  workdir: pathlib.Path,
+) -> dict[str, Any]:
+  """`descriptor_quality` of a workdir whose FACE stages have finished."""
+  parts = face_stages.load_face_parts(config, dataset)
+  tokens = describe_stages(config, parts, workdir)
+  quality = descriptor_quality(config, dataset, parts, workdir, tokens)
+  return {"after": list(tokens)[-1], **quality}
+
+
 def run_descriptors(
   config: ml_collections.ConfigDict,
   dataset: Dataset,
   stage_dir: pathlib.Path,
   writer: MetricWriter,
 ) -> dict[str, Any]:
-  """Exports the final descriptors and measures their retrieval quality.
+  """Exports the final descriptors and measures their quality.
 
   Args:
     config: the resolved experiment config.
@@ -302,36 +419,25 @@ def run_descriptors(
     writer: unused (the results go to metrics.json).
 
   Returns:
-    {"after": the FACE stage described, "files", "distinct_tokens",
-    "retrieval": {stage or "random": {"user": {...}, "item": {...}}} (only
-    with texts)}.
+    {"after": the FACE stage described, "files", "num_words",
+    "vocabulary_size", "distinct_tokens", and the `descriptor_quality`
+    entries "usage", "stability", "retrieval"}.
   """
   del writer  # One result per run, kept in metrics.json.
   workdir = stage_dir.parent
-  after = face_stages.last_face_stage(workdir)
-  if after is None:
-    raise FileNotFoundError(
-      f"No finished map stage in {workdir}; run the map stage first."
-    )
   parts = face_stages.load_face_parts(config, dataset)
-  batch_size = config.descriptors.batch_size
-  tokens = {
-    stage: describe_all(
-      parts,
-      face_stages.restore_face_params(config, parts, workdir / stage),
-      batch_size,
-    )
-    for stage in face_stages.finished_face_stages(workdir)
-  }
+  tokens = describe_stages(config, parts, workdir)
+  after = list(tokens)[-1]
   if parallel.is_main_process():
     write_descriptors(stage_dir, parts.vocabulary.words, tokens[after], dataset)
-  final = np.concatenate([tokens[after]["user"], tokens[after]["item"]])
+  quality = descriptor_quality(config, dataset, parts, workdir, tokens)
   result = {
     "after": after,
     "files": [JSONL_FILE, TSV_FILE],
     "num_words": config.face.num_words,
     "vocabulary_size": len(parts.vocabulary),
-    "distinct_tokens": len(np.unique(final)),
+    "distinct_tokens": quality["usage"]["all"]["distinct_tokens"],
+    **quality,
   }
   for kind in ENTITY_TYPES:
     logging.info(
@@ -339,21 +445,38 @@ def run_descriptors(
       kind,
       ", ".join(parts.vocabulary.words[i] for i in tokens[after][kind][0]),
     )
-  if not dataset.has_text:
-    logging.info("No texts: descriptors exported without retrieval scores.")
-    return result
-  probe = _RetrievalProbe(config, parts, dataset, workdir)
-  rng = np.random.default_rng([config.seed, _RANDOM_STREAM, 1])
-  tokens["random"] = {
-    kind: random_descriptors(
-      count, len(parts.vocabulary), config.face.num_words, rng
-    )
-    for kind, count in (
-      ("user", dataset.num_users),
-      ("item", dataset.num_items),
-    )
-  }
-  result["retrieval"] = {name: probe.measure(t) for name, t in tokens.items()}
-  for name, scores in result["retrieval"].items():
+  usage = quality["usage"]["all"]
+  logging.info(
+    "descriptor usage: %d distinct tokens, perplexity %.1f; most used %s",
+    usage["distinct_tokens"],
+    usage["perplexity"],
+    ", ".join(f"{word} ({count})" for word, count in usage["most_used"][:5]),
+  )
+  if "stability" in quality:
+    logging.info("descriptor stability, map -> align: %s", quality["stability"])
+  for name, scores in quality.get("retrieval", {}).items():
     logging.info("descriptor retrieval, %s: %s", name, scores)
   return result
+
+
+def format_quality(quality: dict[str, Any]) -> str:
+  """A readable summary of `run_quality` (or of the descriptors stage)."""
+  lines = [f"Descriptors after {quality['after']}:"]
+  # Runs of earlier versions recorded retrieval only.
+  for kind, usage in quality.get("usage", {}).items():
+    most_used = ", ".join(f"{w} ({c})" for w, c in usage["most_used"][:10])
+    lines.append(
+      f"  usage, {kind}: {usage['distinct_tokens']} distinct tokens, "
+      f"perplexity {usage['perplexity']:.1f}; most used: {most_used}"
+    )
+  for kind, share in quality.get("stability", {}).items():
+    lines.append(f"  stability map -> align, {kind}: {share:.3f}")
+  for name, scores in quality.get("retrieval", {}).items():
+    for kind, entry in scores.items():
+      lines.append(
+        f"  retrieval {name:>8}, {kind}: top-1 {entry['top1']:.3f}, "
+        f"top-10 {entry['top10']:.3f} ({entry['entities']} {kind}s)"
+      )
+  if "retrieval" not in quality:
+    lines.append("  retrieval: not measured (the dataset has no texts)")
+  return "\n".join(lines)

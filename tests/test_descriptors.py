@@ -65,20 +65,6 @@ def test_self_retrieval_against_brute_force_with_ties():
   assert perfect["top1"] == 1.0
 
 
-def test_random_descriptors_are_distinct_uniform_and_seeded():
-  draw = descriptors.random_descriptors(3000, 12, 4, np.random.default_rng(5))
-  assert draw.shape == (3000, 4) and draw.dtype == np.int32
-  assert all(len(set(row)) == 4 for row in draw)
-  assert draw.min() >= 0 and draw.max() < 12
-  counts = np.bincount(draw.ravel(), minlength=12)
-  # 1000 expected per token; a uniform draw stays well within 15%.
-  assert np.all(np.abs(counts - 1000) < 150)
-  again = descriptors.random_descriptors(3000, 12, 4, np.random.default_rng(5))
-  np.testing.assert_array_equal(draw, again)
-  with pytest.raises(ValueError, match="distinct"):
-    descriptors.random_descriptors(2, 3, 4, np.random.default_rng(0))
-
-
 def test_sentence_ids_spell_the_prompt_and_words(config, parts):
   layout = face_stages.sentence_layout(parts.llm, "movie", 4)
   tokenizer = parts.llm.tokenizer

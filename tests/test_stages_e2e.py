@@ -93,8 +93,8 @@ def test_job_runs_every_stage_and_resumes_after_a_stop(
     )
     if "train" in record
   }
-  assert terms["map"] == {"loss", "bpr", "vq", "recon"}
-  assert terms["align"] == {"loss", "bpr", "vq", "recon", "align"}
+  assert terms["map"] == {"loss", "bpr", "vq", "recon", "grad_norm"}
+  assert terms["align"] == {"loss", "bpr", "vq", "recon", "align", "grad_norm"}
   assert list(reference) == list(train.STAGE_NAMES)
   assert reference["align"]["epochs"] == config.align.max_epochs
   final = reference["final"]
@@ -103,7 +103,7 @@ def test_job_runs_every_stage_and_resumes_after_a_stop(
   for split in ("valid", "test"):
     assert final["stages"]["map"][split] == reference["map"][split]
   retrieval = reference["descriptors"]["retrieval"]
-  assert set(retrieval) == {"map", "align", "random"}
+  assert set(retrieval) == {"map", "align", "shuffled"}
   for scores in retrieval.values():
     assert scores["user"]["entities"] == dataset.num_users
     assert 0.0 <= scores["item"]["top1"] <= scores["item"]["top10"] <= 1.0

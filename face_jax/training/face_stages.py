@@ -65,6 +65,7 @@ from face_jax.training.step import (
   TrainState,
   compile_train_step,
   make_train_step,
+  resolve_rng_impl,
   sharded_train_state,
   state_logical_axes,
   step_layout,
@@ -584,18 +585,6 @@ def make_stage_batches(
     return batches
 
   return make_batches
-
-
-def resolve_rng_impl(name: str, num_devices: int) -> str:
-  """The PRNG implementation that config.face.rng_impl=`name` stands for.
-
-  "auto" is Philox on one device, where it is fastest, and threefry on
-  several: Philox's multiply-high does not lower in a step partitioned
-  over devices (jax 0.10), threefry does on every backend.
-  """
-  if name != "auto":
-    return name
-  return "philox4x32" if num_devices == 1 else "threefry2x32"
 
 
 def stage_rng(config: ml_collections.ConfigDict, stage: str) -> jax.Array:

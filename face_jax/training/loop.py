@@ -43,6 +43,7 @@ class FitOptions:
       (each check waits for the device).
     progress_bar: show a progress bar with loss and ETA per epoch.
     async_save: write checkpoints in the background.
+    learning_rates: parameter group -> learning rate, logged every epoch.
   """
 
   max_epochs: int
@@ -51,6 +52,7 @@ class FitOptions:
   log_every: int = 50
   progress_bar: bool = True
   async_save: bool = True
+  learning_rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.max_epochs < 1 or self.patience < 1 or self.log_every < 1:
@@ -198,11 +200,13 @@ class _EpochRunner:
 
   def __call__(self, epoch: int, state: TrainState, loop: LoopState):
     """Runs `epoch`, updating `loop` in place; returns the new state."""
+    batches = self.make_batches(epoch)
+    steps, batch_size = next(iter(batches.values())).shape[:2]
     start = time.perf_counter()
     state, train_metrics = _train_epoch(
       state,
       self.train_step,
-      self.make_batches(epoch),
+      batches,
       self.graph,
       self.rng,
       epoch,
@@ -210,6 +214,11 @@ class _EpochRunner:
       self.options,
     )
     seconds = time.perf_counter() - start
+    # The first epoch's rate includes compiling the step.
+    throughput = {
+      "steps_per_second": steps / seconds,
+      "examples_per_second": steps * batch_size / seconds,
+    }
     start = time.perf_counter()
     valid_metrics = self.evaluate(state.params)
     eval_seconds = time.perf_counter() - start
@@ -225,7 +234,12 @@ class _EpochRunner:
     self.writer.write(
       self.stage,
       epoch,
-      {"train": train_metrics, "valid": valid_metrics},
+      {
+        "train": train_metrics,
+        "valid": valid_metrics,
+        "lr": self.options.learning_rates,
+        "throughput": throughput,
+      },
       seconds=seconds,
       eval_seconds=eval_seconds,
       improved=improved,

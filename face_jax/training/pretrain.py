@@ -42,6 +42,7 @@ from face_jax.training.step import (
   TrainState,
   compile_train_step,
   make_train_step,
+  resolve_rng_impl,
   sharded_train_state,
   state_logical_axes,
   step_layout,
@@ -67,6 +68,15 @@ def fit_options(
   config: ml_collections.ConfigDict, section: ml_collections.ConfigDict
 ) -> FitOptions:
   """Loop options of a stage from its config section and the shared ones."""
+  if "learning_rate" in section:
+    # Pretraining: one Adam over the backbone.
+    learning_rates = {"backbone": section.learning_rate}
+  else:
+    # FACE stages: one Adam per parameter group (see face_optimizer).
+    learning_rates = {
+      "face": config.face.learning_rate,
+      "backbone": config.face.backbone_learning_rate,
+    }
   return FitOptions(
     max_epochs=section.max_epochs,
     patience=section.patience,
@@ -74,6 +84,7 @@ def fit_options(
     log_every=section.log_every,
     progress_bar=config.log.progress_bar,
     async_save=config.checkpoint.async_save,
+    learning_rates=learning_rates,
   )
 
 
@@ -218,8 +229,10 @@ def setup_pretraining(
   )
   # Graph arrays go to the devices once, not with every step.
   graph = layout.place(graph)
+  impl = resolve_rng_impl(config.face.rng_impl, jax.device_count())
   rng = parallel.place_global(
-    jax.random.fold_in(jax.random.key(config.seed), 1), layout.replicated
+    jax.random.fold_in(jax.random.key(config.seed, impl=impl), 1),
+    layout.replicated,
   )
 
   def loss_terms(params, graph, batch, rng):
