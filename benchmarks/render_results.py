@@ -46,7 +46,7 @@ _NOTES = {
   ),
 }
 # Stages whose tables name the machine under the commands, not in a column.
-_FACE_MACHINE = ("map", "align", "face_step")
+_FACE_MACHINE = ("map", "align", "face_step", "cold_start")
 # Fields left out of the generic columns (the command is listed below).
 _NOT_COLUMNS = ("stage", "command")
 
@@ -145,6 +145,40 @@ _STEP_COLUMNS = {
 }
 
 
+def _head(run: dict) -> str:
+  head = run.get("head")
+  if not head:
+    return ""
+  return f"{head['best_epoch']} of {head['epochs']}"
+
+
+def _shortcuts(run: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in (run.get("shortcuts") or {}).items())
+
+
+# Columns of the cold-start table: one row per cold entity type and method.
+_COLD_METRICS = ("recall@5", "ndcg@5", "recall@20", "ndcg@20")
+_COLD_COLUMNS = {
+  "dataset": lambda run: run.get("dataset", ""),
+  "model": lambda run: run.get("model", ""),
+  "cold": lambda run: f"{run.get('cold', '')}s",
+  "method": lambda run: run.get("method", ""),
+  **{
+    f"{_TITLES[name.split('@')[0]]}@{name.split('@')[1]}": (
+      lambda run, name=name: _number(run.get("metrics", {}).get(name), 4)
+    )
+    for name in _COLD_METRICS
+  },
+  "ranking users": lambda run: str(run.get("queries", "")),
+  "candidates": lambda run: str(run.get("candidates", "")),
+  "FACE after": lambda run: run.get("after", ""),
+  "head best epoch": _head,
+  "CPU shortcuts": _shortcuts,
+  "load": lambda run: _number((run.get("load_average") or [None])[0], 1),
+  "date": lambda run: run.get("date", "")[:10],
+}
+
+
 def _table(ordered: list[dict], columns: dict) -> list[str]:
   lines = ["| # | " + " | ".join(columns) + " |"]
   lines.append("|" + "---|" * (len(columns) + 1))
@@ -162,6 +196,14 @@ _NOTES.update(
     "LLM, ranks its own profile first / in the top 10 among all profiles of "
     "its type, beside random descriptors.",
     "align": "As for map, after the align stage.",
+    "cold_start": "Cold users and items (a seeded 20% of each, held out of "
+    "every training stage) ranked from their text alone. Cold items: each "
+    "warm user with interactions with cold items ranks all cold items; cold "
+    "users: each cold user ranks all warm items. FACE: profile embedding → "
+    "text head → FACE words → quantiser → FACE decoder → CF embedding; "
+    "alpharec: an MLP from the profile embedding to the CF embedding; text: "
+    "cosine of the user's and item's profile embeddings; random: the exact "
+    "expectation of a random ranking.",
     "face_step": "Median wall time of one jitted train step after a compiling "
     "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "
     "float32 4096 x 4096 matmul measured in the same process.",
@@ -246,9 +288,11 @@ def render(runs: list[dict]) -> str:
     lines += ["", f"## Stage: {stage}", ""]
     if stage in _NOTES:
       lines += [_NOTES[stage], ""]
-    face_columns = {"map": _FACE_COLUMNS, "align": _FACE_COLUMNS}.get(
-      stage, _STEP_COLUMNS if stage == "face_step" else None
-    )
+    face_columns = {
+      "map": _FACE_COLUMNS,
+      "align": _FACE_COLUMNS,
+      "cold_start": _COLD_COLUMNS,
+    }.get(stage, _STEP_COLUMNS if stage == "face_step" else None)
     if face_columns:
       ordered = sorted(
         by_stage[stage],

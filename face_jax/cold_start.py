@@ -41,6 +41,7 @@ descriptors to `<workdir>/cold_start/cold_descriptors.jsonl`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -197,6 +198,29 @@ def fit_head(
   return FittedHead(model, best[1], epoch, best[2], best[0])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _map_codebook(model, face_params, token_table):
+  return model.apply(
+    {"params": face_params}, token_table, method=face_lib.FACE.map_codebook
+  )
+
+
+# The module is static (hashed by its fields), so every call with the same
+# FACE shapes reuses one compiled program.
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_words(model, face_params, codebook, words):
+  quantized = quantizer.quantize(
+    words, codebook, model.chunk_size, model.num_tokens
+  )
+  decoded = model.apply(
+    {"params": face_params},
+    quantized.z_q,
+    deterministic=True,
+    method=face_lib.FACE.decode,
+  )
+  return quantized.token_index, decoded
+
+
 def words_to_embeddings(
   model: face_lib.FACE,
   face_params: dict,
@@ -220,31 +244,14 @@ def words_to_embeddings(
   Returns:
     (token_index [n, W] int32 vocabulary indices, embeddings [n, d]).
   """
-  variables = {"params": face_params}
-  codebook = model.apply(
-    variables, token_table, method=face_lib.FACE.map_codebook
-  )
-
-  @jax.jit
-  def run(batch):
-    quantized = quantizer.quantize(
-      batch, codebook, model.chunk_size, model.num_tokens
-    )
-    decoded = model.apply(
-      variables,
-      quantized.z_q,
-      deterministic=True,
-      method=face_lib.FACE.decode,
-    )
-    return quantized.token_index, decoded
-
+  mapped = _map_codebook(model, face_params, token_table)
   tokens, embeddings = [], []
   for start in range(0, len(words), batch_size):
     chunk = np.asarray(words[start : start + batch_size], np.float32)
     size = len(chunk)
     # Fixed-shape batches: one compilation; padding rows are dropped.
     chunk = np.pad(chunk, ((0, batch_size - size), (0, 0), (0, 0)))
-    index, decoded = run(chunk)
+    index, decoded = _decode_words(model, face_params, mapped, chunk)
     tokens.append(np.asarray(index)[:size])
     embeddings.append(np.asarray(decoded)[:size])
   width = model.embed_dim

@@ -248,7 +248,9 @@ def test_decoder_path_is_deterministic_and_matches_face():
   # decoder gives what FACE's forward pass decodes from them.
   np.testing.assert_array_equal(tokens, outputs["token_index"])
   np.testing.assert_allclose(embeddings, outputs["decoded"], atol=1e-5)
-  again = cold_start.words_to_embeddings(model, params, table, words + 1e-4)
+  again = cold_start.words_to_embeddings(
+    model, params, table, words + 1e-4, batch_size=4
+  )
   np.testing.assert_array_equal(again[0], tokens)
   repeat = cold_start.words_to_embeddings(
     model, params, table, words, batch_size=4
