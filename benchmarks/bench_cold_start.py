@@ -127,6 +127,11 @@ def rows(config, results: dict, common: dict) -> list[dict]:
           "after": cold["after"],
           "warm_test_metrics": after["test"],
           "head": head,
+          "distinct_descriptor_sets": (
+            cold[kind].get("distinct_descriptor_sets")
+            if method == "face"
+            else None
+          ),
           "stages": stages,
         }
       )

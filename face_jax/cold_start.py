@@ -452,9 +452,11 @@ def run_cold_start(
     log: where the summary lines go.
 
   Returns:
-    {"after": the FACE stage used, "item" and "user": see `score_cold`
-    (absent for a type with no cold entities), "heads": {type: {"face",
-    "alpharec": head summaries}}, "cold_users", "cold_items",
+    {"after": the FACE stage used, "item" and "user": see `score_cold`,
+    with "distinct_descriptor_sets" and "distinct_tokens" of the cold
+    entities' descriptors (absent for a type with no cold entities),
+    "heads": {type: {"face", "alpharec": head summaries}}, "cold_users",
+    "cold_items",
     "cold_cold_pairs": interactions between two cold entities (not
     evaluated), "files"}.
 
@@ -549,6 +551,12 @@ def run_cold_start(
       ks=tuple(section.ks),
       batch_size=config.eval.batch_size,
     )
+    # Heads that collapse to one output give every cold entity the same
+    # words; these counts show how varied the descriptors are.
+    result[kind]["distinct_descriptor_sets"] = len(
+      np.unique(np.sort(cold_tokens, axis=1), axis=0)
+    )
+    result[kind]["distinct_tokens"] = len(np.unique(cold_tokens))
     for entity, row, text in zip(
       cold_ids[kind], cold_tokens, texts[kind], strict=True
     ):
