@@ -15,8 +15,9 @@ training stages' epochs and times, and the machine's load.
 A workdir whose stages have finished is only read (the stages are
 skipped), so the rows of a job run with `python -m face_jax.main
 --config.cold_start.enabled=True --workdir=...` can be appended by
-pointing this script at its workdir with the same config; the stage times
-then come from the stages' own results. Render the tables with
+pointing this script at its workdir with the same config; such rows list
+those stages in "finished_before", and their epoch times come from the
+stages' own results ("stages"). Render the tables with
 `python benchmarks/render_results.py`.
 """
 
@@ -39,7 +40,7 @@ from ml_collections import config_flags
 
 import configs
 from face_jax import cold_start, data, train
-from face_jax.training import writer
+from face_jax.training import checkpoints, writer
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _PROCESS_START = time.perf_counter()
@@ -151,6 +152,11 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   dataset = data.load_dataset(config.data)
   warm, stages = train.cold_start_setup(config, dataset, workdir)
+  resumed = [
+    stage.name
+    for stage in stages
+    if (workdir / stage.name / checkpoints.RESULT_FILE).exists()
+  ]
   seconds = {}
   stages = [_timed(stage, seconds) for stage in stages]
   results = train.run_stages(config, warm, workdir, stages)
@@ -162,8 +168,11 @@ def main(argv):
       f"{section}.{field}": config[section][field]
       for section, field in _SHORTCUT_FIELDS
     },
+    # Stages finished before this process started (their times are in
+    # "stages"), and the wall time of those this process ran.
+    "finished_before": resumed,
     "stage_seconds": seconds,
-    "wall_seconds": round(time.perf_counter() - _PROCESS_START, 1),
+    "process_seconds": round(time.perf_counter() - _PROCESS_START, 1),
     "peak_rss_mb": round(
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
     ),
