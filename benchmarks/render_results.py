@@ -46,7 +46,7 @@ _NOTES = {
   ),
 }
 # Stages whose tables name the machine under the commands, not in a column.
-_FACE_MACHINE = ("map", "align", "face_step", "cold_start")
+_FACE_MACHINE = ("map", "align", "face_step")
 # Fields left out of the generic columns (the command is listed below).
 _NOT_COLUMNS = ("stage", "command")
 
@@ -173,10 +173,47 @@ _COLD_COLUMNS = {
   "candidates": lambda run: str(run.get("candidates", "")),
   "FACE after": lambda run: run.get("after", ""),
   "head best epoch": _head,
-  "CPU shortcuts": _shortcuts,
+  "distinct descriptor sets": lambda run: _cell(
+    run.get("distinct_descriptor_sets")
+  ),
   "load": lambda run: _number((run.get("load_average") or [None])[0], 1),
   "date": lambda run: run.get("date", "")[:10],
 }
+
+
+def _cold_start_lines(runs: list[dict]) -> list[str]:
+  """The cold-start table and its commands, each job's command once.
+
+  A job appends one row per cold entity type and method; its rows share a
+  command and a date, so the table numbers jobs and the commands (with
+  the config's CPU shortcuts) are listed once per job.
+  """
+  ordered = sorted(
+    runs,
+    key=lambda run: (
+      run.get("dataset", ""),
+      run.get("model", ""),
+      run.get("date", ""),
+    ),
+  )
+  jobs = {}
+  for run in ordered:
+    jobs.setdefault((run.get("command", ""), run.get("date", "")), run)
+  number = {key: index for index, key in enumerate(jobs, 1)}
+  columns = {
+    "job": lambda run: str(
+      number[(run.get("command", ""), run.get("date", ""))]
+    ),
+    **_COLD_COLUMNS,
+  }
+  lines = _table(ordered, columns)
+  lines += ["", "Jobs:", ""]
+  for index, run in enumerate(jobs.values(), 1):
+    lines.append(
+      f"{index}. `{run.get('command', '')}` ({run.get('machine', '')}); "
+      f"CPU shortcuts: {_shortcuts(run)}"
+    )
+  return lines
 
 
 def _table(ordered: list[dict], columns: dict) -> list[str]:
@@ -288,11 +325,12 @@ def render(runs: list[dict]) -> str:
     lines += ["", f"## Stage: {stage}", ""]
     if stage in _NOTES:
       lines += [_NOTES[stage], ""]
-    face_columns = {
-      "map": _FACE_COLUMNS,
-      "align": _FACE_COLUMNS,
-      "cold_start": _COLD_COLUMNS,
-    }.get(stage, _STEP_COLUMNS if stage == "face_step" else None)
+    if stage == "cold_start":
+      lines += _cold_start_lines(by_stage[stage])
+      continue
+    face_columns = {"map": _FACE_COLUMNS, "align": _FACE_COLUMNS}.get(
+      stage, _STEP_COLUMNS if stage == "face_step" else None
+    )
     if face_columns:
       ordered = sorted(
         by_stage[stage],

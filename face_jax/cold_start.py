@@ -47,7 +47,7 @@ import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -438,7 +438,6 @@ def run_cold_start(
   *,
   full_dataset: Dataset,
   split: split_lib.ColdStartSplit,
-  log: Callable[..., None] = logging.info,
 ) -> dict[str, Any]:
   """Trains the heads on warm entities and ranks the cold ones.
 
@@ -449,16 +448,14 @@ def run_cold_start(
     writer: unused (the results go to metrics.json).
     full_dataset: the dataset before the split.
     split: the run's cold-start split.
-    log: where the summary lines go.
 
   Returns:
     {"after": the FACE stage used, "item" and "user": see `score_cold`,
     with "distinct_descriptor_sets" and "distinct_tokens" of the cold
     entities' descriptors (absent for a type with no cold entities),
     "heads": {type: {"face", "alpharec": head summaries}}, "cold_users",
-    "cold_items",
-    "cold_cold_pairs": interactions between two cold entities (not
-    evaluated), "files"}.
+    "cold_items", "cold_cold_pairs": interactions between two cold
+    entities (not evaluated), "files"}.
 
   Raises:
     ColdStartStageError: no FACE stage has finished.
@@ -565,7 +562,7 @@ def run_cold_start(
         {"type": kind, "id": int(entity), "words": words, "text": text}
       )
     for method in METHODS:
-      log(
+      logging.info(
         "cold %ss, %s: %s",
         kind,
         method,
