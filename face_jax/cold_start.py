@@ -364,6 +364,9 @@ def score_cold(
   else:
     num_queries, num_candidates = num_cold, len(other.warm_cf)
   _check_ks(ks, num_candidates, kind)
+  # TODO(#7): cold items with the same descriptors get the same decoded
+  # embedding and tie; ties rank the lower id first (lax.top_k), so a
+  # collapsed FACE model scores by id order rather than as random would.
   task = cold_ranking(pairs, num_queries, num_candidates, batch_size)
   result = {}
   for method, warm in warm_tables.items():
