@@ -148,6 +148,77 @@ _STEP_COLUMNS = {
 }
 
 
+def _head(run: dict) -> str:
+  head = run.get("head")
+  if not head:
+    return ""
+  return f"{head['best_epoch']} of {head['epochs']}"
+
+
+def _shortcuts(run: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in (run.get("shortcuts") or {}).items())
+
+
+# Columns of the cold-start table: one row per cold entity type and method.
+_COLD_METRICS = ("recall@5", "ndcg@5", "recall@20", "ndcg@20")
+_COLD_COLUMNS = {
+  "dataset": lambda run: run.get("dataset", ""),
+  "model": lambda run: run.get("model", ""),
+  "cold": lambda run: f"{run.get('cold', '')}s",
+  "method": lambda run: run.get("method", ""),
+  **{
+    f"{_TITLES[name.split('@')[0]]}@{name.split('@')[1]}": (
+      lambda run, name=name: _number(run.get("metrics", {}).get(name), 4)
+    )
+    for name in _COLD_METRICS
+  },
+  "ranking users": lambda run: str(run.get("queries", "")),
+  "candidates": lambda run: str(run.get("candidates", "")),
+  "FACE after": lambda run: run.get("after", ""),
+  "head best epoch": _head,
+  "distinct descriptor sets": lambda run: _cell(
+    run.get("distinct_descriptor_sets")
+  ),
+  "load": lambda run: _number((run.get("load_average") or [None])[0], 1),
+  "date": lambda run: run.get("date", "")[:10],
+}
+
+
+def _cold_start_lines(runs: list[dict]) -> list[str]:
+  """The cold-start table and its commands, each job's command once.
+
+  A job appends one row per cold entity type and method; its rows share a
+  command and a date, so the table numbers jobs and the commands (with
+  the config's CPU shortcuts) are listed once per job.
+  """
+  ordered = sorted(
+    runs,
+    key=lambda run: (
+      run.get("dataset", ""),
+      run.get("model", ""),
+      run.get("date", ""),
+    ),
+  )
+  jobs = {}
+  for run in ordered:
+    jobs.setdefault((run.get("command", ""), run.get("date", "")), run)
+  number = {key: index for index, key in enumerate(jobs, 1)}
+  columns = {
+    "job": lambda run: str(
+      number[(run.get("command", ""), run.get("date", ""))]
+    ),
+    **_COLD_COLUMNS,
+  }
+  lines = _table(ordered, columns)
+  lines += ["", "Jobs:", ""]
+  for index, run in enumerate(jobs.values(), 1):
+    lines.append(
+      f"{index}. `{run.get('command', '')}` ({run.get('machine', '')}); "
+      f"CPU shortcuts: {_shortcuts(run)}"
+    )
+  return lines
+
+
 def _table(ordered: list[dict], columns: dict) -> list[str]:
   lines = ["| # | " + " | ".join(columns) + " |"]
   lines.append("|" + "---|" * (len(columns) + 1))
@@ -166,6 +237,14 @@ _NOTES.update(
     "its type, beside the floor: random descriptors (earlier runs) or the "
     "real ones shuffled across entities.",
     "align": "As for map, after the align stage.",
+    "cold_start": "Cold users and items (a seeded 20% of each, held out of "
+    "every training stage) ranked from their text alone. Cold items: each "
+    "warm user with interactions with cold items ranks all cold items; cold "
+    "users: each cold user ranks all warm items. FACE: profile embedding → "
+    "text head → FACE words → quantiser → FACE decoder → CF embedding; "
+    "alpharec: an MLP from the profile embedding to the CF embedding; text: "
+    "cosine of the user's and item's profile embeddings; random: the exact "
+    "expectation of a random ranking.",
     "face_step": "Median wall time of one jitted train step after a compiling "
     "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "
     "float32 4096 x 4096 matmul measured in the same process.",
@@ -250,6 +329,9 @@ def render(runs: list[dict]) -> str:
     lines += ["", f"## Stage: {stage}", ""]
     if stage in _NOTES:
       lines += [_NOTES[stage], ""]
+    if stage == "cold_start":
+      lines += _cold_start_lines(by_stage[stage])
+      continue
     face_columns = {"map": _FACE_COLUMNS, "align": _FACE_COLUMNS}.get(
       stage, _STEP_COLUMNS if stage == "face_step" else None
     )

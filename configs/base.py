@@ -172,6 +172,35 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (a seeded sample, ranked against all profiles of the type); 0 for all.
   config.descriptors.max_entities = 0
 
+  config.cold_start = ml_collections.ConfigDict()
+  # Hold a share of the users and items out of every training stage and,
+  # after the others, run the cold_start stage: rank them from their text
+  # alone with FACE, an AlphaRec-style mapper, text similarity and random.
+  config.cold_start.enabled = False
+  # Share of the items held out (their interactions are the test set).
+  config.cold_start.item_share = 0.2
+  # Share of the users held out, drawn apart from the items.
+  config.cold_start.user_share = 0.2
+  # Seed of the draw of the cold users and items.
+  config.cold_start.seed = 0
+  # Cut-offs of the cold-start Recall@K and NDCG@K.
+  config.cold_start.ks = (5, 20)
+  # Hidden width of the text heads (profile embedding -> FACE words, and
+  # the AlphaRec-style profile embedding -> CF embedding mapper).
+  config.cold_start.hidden_dim = 512
+  # Upper bound on the heads' training epochs over the warm entities.
+  config.cold_start.max_epochs = 300
+  # Epochs without a lower held-out loss before a head stops training.
+  config.cold_start.patience = 20
+  # Share of the warm entities held out to pick a head's best epoch.
+  config.cold_start.valid_share = 0.1
+  # Warm entities per step of head training.
+  config.cold_start.batch_size = 256
+  # AdamW learning rate of the heads.
+  config.cold_start.learning_rate = 1e-3
+  # AdamW weight decay of the heads.
+  config.cold_start.weight_decay = 1e-4
+
   config.eval = ml_collections.ConfigDict()
   # Cut-offs of Recall@K and NDCG@K.
   config.eval.ks = (5, 10, 20)

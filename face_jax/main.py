@@ -38,7 +38,7 @@ _WORKDIR = flags.DEFINE_string(
 _STOP_AFTER = flags.DEFINE_enum(
   "stop_after",
   None,
-  list(train.STAGE_NAMES),
+  [*train.STAGE_NAMES, train.COLD_START],
   "Run the stages up to and including this one; a later run with the same "
   "workdir continues from there. Default: all stages.",
 )

@@ -4,7 +4,11 @@
 `<workdir>/config.json`, loads the dataset and runs every stage in
 `STAGES`: pretrain (the CF backbone), map and align (the FACE stages),
 final (the backbone alone beside the backbone after FACE) and descriptors
-(every entity's words, exported and scored). A stage works in
+(every entity's words, exported and scored). With
+`config.cold_start.enabled`, a seeded share of users and items is held out
+first (`face_jax.data.cold_start`): every stage trains on the rest, and a
+last stage, cold_start, ranks the held-out ones from their text alone (see
+`face_jax.cold_start`). A stage works in
 `<workdir>/<stage>/` and, when done, writes its results there atomically
 (`result.json`); a rerun skips stages that have that file and resumes an
 unfinished stage from its last checkpoint. All results are gathered in
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import pathlib
 from collections.abc import Callable, Sequence
@@ -33,8 +38,9 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from face_jax import data, descriptors, parallel
+from face_jax import cold_start, data, descriptors, parallel
 from face_jax.data import Dataset
+from face_jax.data import cold_start as cold_split
 from face_jax.training import checkpoints, face_stages, final_stage, pretrain
 from face_jax.training.writer import MetricWriter
 
@@ -81,21 +87,72 @@ STAGES: tuple[Stage, ...] = (
   Stage(descriptors.STAGE, descriptors.run_descriptors, derived=True),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+# The stage after STAGES in a run with config.cold_start.enabled.
+COLD_START = cold_start.STAGE
 
 
-def stages_until(last: str | None) -> tuple[Stage, ...]:
-  """The stages of `STAGES` up to and including `last` (None: all).
+def stages_until(
+  last: str | None, stages: Sequence[Stage] = STAGES
+) -> tuple[Stage, ...]:
+  """The stages of `stages` up to and including `last` (None: all).
 
   Raises:
     ConfigError: `last` is not a stage name.
   """
+  stages = tuple(stages)
+  names = [stage.name for stage in stages]
   if last is None:
-    return STAGES
-  if last not in STAGE_NAMES:
+    return stages
+  if last not in names:
     raise ConfigError(
-      f"Unknown stage {last!r}; choose one of {', '.join(STAGE_NAMES)}."
+      f"Unknown stage {last!r}; choose one of {', '.join(names)}."
     )
-  return STAGES[: STAGE_NAMES.index(last) + 1]
+  return stages[: names.index(last) + 1]
+
+
+def cold_start_setup(
+  config: ml_collections.ConfigDict, dataset: Dataset, workdir: pathlib.Path
+) -> tuple[Dataset, tuple[Stage, ...]]:
+  """The dataset the stages train on and the stages of a run.
+
+  Without `config.cold_start.enabled`: `dataset` and `STAGES`. With it:
+  the warm dataset of the run's cold-start split (drawn and stored in the
+  workdir on the first run, read back on later ones) and `STAGES` followed
+  by the cold_start stage.
+
+  Raises:
+    ConfigError: the workdir was trained with the other cold-start setting.
+  """
+  section = config.cold_start
+  split_file = workdir / cold_split.SPLIT_FILE
+  if not section.enabled:
+    if split_file.exists():
+      raise ConfigError(
+        f"{workdir} was trained with cold-start users and items held out "
+        f"({split_file}); add --config.cold_start.enabled=True or use a "
+        "fresh workdir."
+      )
+    return dataset, STAGES
+  if not split_file.exists() and any(
+    (workdir / stage.name / checkpoints.RESULT_FILE).exists()
+    for stage in STAGES
+  ):
+    raise ConfigError(
+      f"{workdir} holds stages trained without a cold-start split; use a "
+      "fresh workdir for --config.cold_start.enabled=True."
+    )
+  split = cold_split.split_for_run(
+    dataset, section.item_share, section.user_share, section.seed, workdir
+  )
+  stage = Stage(
+    cold_start.STAGE,
+    functools.partial(
+      cold_start.run_cold_start, full_dataset=dataset, split=split
+    ),
+    skip_reason=cold_start.skip_reason,
+    derived=True,
+  )
+  return cold_split.warm_dataset(dataset, split), (*STAGES, stage)
 
 
 def resolve_config(
@@ -244,14 +301,15 @@ def train_and_evaluate(
     Stage name -> results, for example {"pretrain": {"valid": {...},
     "test": {...}, "epochs": ...}}.
   """
-  stages = stages_until(stop_after)
   config = resolve_config(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   if parallel.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
-  _write_config(config, workdir)
   if dataset is None:
     dataset = data.load_dataset(config.data)
+  dataset, stages = cold_start_setup(config, dataset, workdir)
+  stages = stages_until(stop_after, stages)
+  _write_config(config, workdir)
   logging.info(
     "%s: %d users, %d items, %d/%d/%d train/valid/test pairs; workdir %s",
     dataset.name,

@@ -283,6 +283,11 @@ class FACE(nn.Module):
       z_e, codebook, self.chunk_size, self.num_tokens
     ).token_index
 
+  def decode(self, z_q: jax.Array, *, deterministic: bool) -> jax.Array:
+    """CF embeddings [n, d] of quantised words z_q [n, W, word_dim]."""
+    mixed = self.decoder(z_q, deterministic=deterministic)
+    return self.reconstruct(mixed.reshape(z_q.shape[0], -1))
+
   def __call__(
     self, x: jax.Array, token_table: jax.Array, *, deterministic: bool
   ) -> dict[str, jax.Array]:
@@ -310,8 +315,7 @@ class FACE(nn.Module):
     quantized = quantizer.quantize(
       z_e, codebook, self.chunk_size, self.num_tokens
     )
-    mixed = self.decoder(quantized.z_q_st, deterministic=deterministic)
-    decoded = self.reconstruct(mixed.reshape(x.shape[0], -1))
+    decoded = self.decode(quantized.z_q_st, deterministic=deterministic)
     return {
       "z_e": z_e,
       "z_q": quantized.z_q_st,
