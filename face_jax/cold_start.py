@@ -44,9 +44,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -385,20 +383,6 @@ def score_cold(
   return result
 
 
-def _write_jsonl(path: pathlib.Path, records: Sequence[dict]) -> None:
-  descriptor, temporary = tempfile.mkstemp(
-    dir=path.parent, prefix=f".{path.name}."
-  )
-  try:
-    with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-      for record in records:
-        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
-
-
 def skip_reason(
   config: ml_collections.ConfigDict, dataset: Dataset
 ) -> str | None:
@@ -571,5 +555,8 @@ def run_cold_start(
         method,
         " ".join(f"{m}={v:.4f}" for m, v in result[kind][method].items()),
       )
-  _write_jsonl(stage_dir / DESCRIPTORS_FILE, records)
+  descriptors.write_atomic(
+    stage_dir / DESCRIPTORS_FILE,
+    [json.dumps(record, ensure_ascii=False) for record in records],
+  )
   return result

@@ -199,7 +199,8 @@ def self_retrieval(
   return result
 
 
-def _write_atomic(path: pathlib.Path, lines: Sequence[str]) -> None:
+def write_atomic(path: pathlib.Path, lines: Sequence[str]) -> None:
+  """Writes lines to path whole or not at all (temporary file, rename)."""
   descriptor, temporary = tempfile.mkstemp(
     dir=path.parent, prefix=f".{path.name}."
   )
@@ -242,8 +243,8 @@ def write_descriptors(
         f"{kind}\t{entity}\t{', '.join(chosen)}\t{_one_line(text or '')}"
       )
   folder.mkdir(parents=True, exist_ok=True)
-  _write_atomic(folder / JSONL_FILE, jsonl)
-  _write_atomic(folder / TSV_FILE, tsv)
+  write_atomic(folder / JSONL_FILE, jsonl)
+  write_atomic(folder / TSV_FILE, tsv)
 
 
 class _RetrievalProbe:
