@@ -333,8 +333,14 @@ def score_cold(
   other: Side,
   ks: Sequence[int],
   batch_size: int,
+  tie_seed: int = 0,
 ) -> dict[str, Any]:
   """Cold-start metrics of every method for one entity type.
+
+  Candidates are ranked in a seeded random order, so that tied scores
+  (cold entities whose descriptors, hence decoded embeddings, coincide)
+  fall in random order rather than by id, which would score a collapsed
+  model by the accident of id order.
 
   Args:
     kind: "item" (cold items ranked for warm users) or "user" (warm items
@@ -346,6 +352,7 @@ def score_cold(
     other: the warm tables of the other entity type.
     ks: cut-offs.
     batch_size: queries scored at once.
+    tie_seed: seed of the candidates' order, which breaks ties.
 
   Returns:
     {method: metrics} for METHODS, plus "queries" (ranking users),
@@ -362,14 +369,18 @@ def score_cold(
   else:
     num_queries, num_candidates = num_cold, len(other.warm_cf)
   _check_ks(ks, num_candidates, kind)
-  # TODO(#7): cold items with the same descriptors get the same decoded
-  # embedding and tie; ties rank the lower id first (lax.top_k), so a
-  # collapsed FACE model scores by id order rather than as random would.
-  task = cold_ranking(pairs, num_queries, num_candidates, batch_size)
+  # Candidate c sits at position rank_of[c]; top-k breaks ties by position.
+  order = np.random.default_rng(tie_seed).permutation(num_candidates)
+  rank_of = np.empty_like(order)
+  rank_of[order] = np.arange(num_candidates)
+  shuffled = np.stack([pairs[:, 0], rank_of[pairs[:, 1]]], axis=1)
+  shuffled = shuffled[np.lexsort((shuffled[:, 1], shuffled[:, 0]))]
+  task = cold_ranking(shuffled, num_queries, num_candidates, batch_size)
   result = {}
   for method, warm in warm_tables.items():
     cold = cold_tables[method]
     queries, candidates = (warm, cold) if kind == "item" else (cold, warm)
+    candidates = np.asarray(candidates)[order]
     result[method] = rank_metrics(
       jnp.asarray(queries, jnp.float32),
       jnp.asarray(candidates, jnp.float32),
@@ -532,6 +543,7 @@ def run_cold_start(
       pairs=pair_makers[kind](full_dataset, split),
       cold_tables=cold_tables,
       other=other,
+      tie_seed=config.seed,
       ks=tuple(section.ks),
       batch_size=config.eval.batch_size,
     )

@@ -128,6 +128,33 @@ def _metrics_by_hand(order, relevant, ks):
   return result
 
 
+def test_tied_cold_items_fall_in_seeded_order_not_by_id():
+  # Every cold item scores the same (as for a collapsed model); each of
+  # 10 users' one relevant item is among the 10 highest of 50 ids, where
+  # breaking ties by id would never place it in a top 5.
+  users = np.ones((10, 1), np.float32)
+  tied = np.ones((50, 1), np.float32)
+  pairs = np.stack([np.arange(10), np.arange(40, 50)], axis=1)
+  other = cold_start.Side(
+    warm_cf=users, warm_profiles=users, cold_profiles=np.zeros((0, 1))
+  )
+  result = cold_start.score_cold(
+    kind="item",
+    pairs=pairs.astype(np.int32),
+    cold_tables={"face": tied, "alpharec": tied, "text": tied},
+    other=other,
+    ks=(5,),
+    batch_size=4,
+    tie_seed=4,
+  )
+  # The seeded order puts these relevant items in every user's top 5.
+  top5 = set(np.random.default_rng(4).permutation(50)[:5].tolist())
+  expected = len(top5 & set(range(40, 50))) / 10
+  assert expected > 0
+  for method in ("face", "alpharec", "text"):
+    assert result[method]["recall@5"] == pytest.approx(expected)
+
+
 def test_cold_item_metrics_rank_only_cold_items_for_their_users():
   # Warm users 0 and 1 have cold-item interactions, user 2 has none.
   users = np.array([[1.0], [-1.0], [1.0]], np.float32)
