@@ -103,7 +103,9 @@ def main(argv):
     _WORKDIR.value or tempfile.mkdtemp(prefix="bench_backbone_")
   )
   load_before = os.getloadavg()
-  results = train.train_and_evaluate(config, workdir, dataset=dataset)
+  results = train.train_and_evaluate(
+    config, workdir, dataset=dataset, stop_after=pretrain.STAGE
+  )
   eval_seconds = _time_test_eval(
     config, dataset, workdir / pretrain.STAGE, _EVAL_REPEATS.value
   )
