@@ -60,7 +60,6 @@ from face_jax import descriptors
 from face_jax.data import Dataset
 from face_jax.data import cold_start as split_lib
 from face_jax.evaluation import RankingTask, prepare_ranking, rank_metrics
-from face_jax.llm import profile_embeddings
 from face_jax.models import face as face_lib
 from face_jax.models import quantizer
 from face_jax.training import face_stages
@@ -417,14 +416,8 @@ def _cold_profiles(
 ) -> np.ndarray:
   if not texts:
     return np.zeros((0, parts.llm.info.hidden_size), np.float32)
-  return profile_embeddings(
-    parts.llm,
-    texts,
-    workdir=workdir,
-    name=name,
-    batch_size=config.llm.batch_size,
-    max_length=config.llm.max_length,
-    progress=config.log.progress_bar,
+  return face_stages.config_profile_embeddings(
+    config, parts.llm, texts, name, workdir
   )
 
 

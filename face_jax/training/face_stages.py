@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -809,19 +809,33 @@ def profile_targets(
   """
   if not dataset.has_text:
     raise FaceStageError(no_text_reason(dataset))
+  return (
+    config_profile_embeddings(config, llm, dataset.user_text, "user", workdir),
+    config_profile_embeddings(config, llm, dataset.item_text, "item", workdir),
+  )
 
-  def embed(name, texts):
-    return llm_profile_embeddings(
-      llm,
-      texts,
-      workdir=workdir,
-      name=name,
-      batch_size=config.llm.batch_size,
-      max_length=config.llm.max_length,
-      progress=config.log.progress_bar,
-    )
 
-  return embed("user", dataset.user_text), embed("item", dataset.item_text)
+def config_profile_embeddings(
+  config: ml_collections.ConfigDict,
+  llm: LLM,
+  texts: Sequence[str],
+  name: str,
+  workdir: pathlib.Path,
+) -> np.ndarray:
+  """LLM embeddings of texts, batched and cached as the `llm` config says.
+
+  Returns:
+    [len(texts), h] L2-normalised rows, cached in the workdir under `name`.
+  """
+  return llm_profile_embeddings(
+    llm,
+    texts,
+    workdir=workdir,
+    name=name,
+    batch_size=config.llm.batch_size,
+    max_length=config.llm.max_length,
+    progress=config.log.progress_bar,
+  )
 
 
 def no_text_reason(dataset: Dataset) -> str:
