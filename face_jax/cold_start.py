@@ -56,7 +56,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from face_jax import descriptors
+from face_jax import descriptors, parallel
 from face_jax.data import Dataset
 from face_jax.data import cold_start as split_lib
 from face_jax.evaluation import RankingTask, prepare_ranking, rank_metrics
@@ -249,8 +249,9 @@ def words_to_embeddings(
     # Fixed-shape batches: one compilation; padding rows are dropped.
     chunk = np.pad(chunk, ((0, batch_size - size), (0, 0), (0, 0)))
     index, decoded = _decode_words(model, face_params, mapped, chunk)
-    tokens.append(np.asarray(index)[:size])
-    embeddings.append(np.asarray(decoded)[:size])
+    index, decoded = parallel.to_host((index, decoded))
+    tokens.append(index[:size])
+    embeddings.append(decoded[:size])
   width = model.embed_dim
   if not tokens:
     return np.zeros((0, model.num_words), np.int32), np.zeros((0, width))
@@ -462,18 +463,17 @@ def run_cold_start(
   parts = face_stages.load_face_parts(config, dataset)
   params = face_stages.restore_face_params(config, parts, workdir / after)
   face_params = params[face_stages.FACE]
-  users_cf, items_cf = jax.jit(parts.backbone.embed)(
-    params[face_stages.BACKBONE], parts.graph
+  # Gathered whole on every process: on several hosts the tables and the
+  # mapped codebook are sharded across processes, and the heads and the
+  # ranking below run on each host's own devices.
+  users_cf, items_cf = parallel.to_host(
+    jax.jit(parts.backbone.embed)(params[face_stages.BACKBONE], parts.graph)
   )
   tokens = descriptors.describe_all(
     parts, params, config.descriptors.batch_size
   )
-  mapped = np.asarray(
-    parts.model.apply(
-      {"params": face_params},
-      parts.codebook,
-      method=face_lib.FACE.map_codebook,
-    )
+  mapped = parallel.to_host(
+    _map_codebook(parts.model, face_params, parts.codebook)
   )
   warm_users, warm_items = face_stages.profile_targets(
     config, parts.llm, dataset, workdir
@@ -485,7 +485,7 @@ def run_cold_start(
   }
   sides = {
     kind: Side(
-      warm_cf=np.asarray(cf),
+      warm_cf=cf,
       warm_profiles=profiles,
       cold_profiles=_cold_profiles(
         config, parts, texts[kind], f"cold_{kind}", workdir
@@ -560,8 +560,9 @@ def run_cold_start(
         method,
         " ".join(f"{m}={v:.4f}" for m, v in result[kind][method].items()),
       )
-  descriptors.write_atomic(
-    stage_dir / DESCRIPTORS_FILE,
-    [json.dumps(record, ensure_ascii=False) for record in records],
-  )
+  if parallel.is_main_process():
+    descriptors.write_atomic(
+      stage_dir / DESCRIPTORS_FILE,
+      [json.dumps(record, ensure_ascii=False) for record in records],
+    )
   return result

@@ -30,6 +30,7 @@ any workdir whose FACE stages have finished.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -93,7 +94,7 @@ def _in_batches(
       )
       for array in arrays
     ]
-    outputs.append(np.asarray(fn(*batches))[:size])
+    outputs.append(parallel.to_host(fn(*batches))[:size])
   return np.concatenate(outputs)
 
 
@@ -115,26 +116,20 @@ def describe_all(
     {"user": [num_users, W], "item": [num_items, W]} int32 indices into
     the vocabulary.
   """
-  # TODO(#5): np.asarray below needs arrays whole on this host; on several
-  # hosts gather them first (multihost_utils.process_allgather).
-  users, items = jax.jit(parts.backbone.embed)(
-    params[face_stages.BACKBONE], parts.graph
+  # On several hosts the tables and the FACE params are sharded across
+  # processes: they enter the jitted calls as arguments (a jitted function
+  # may not close over them) and the tables come to the host gathered.
+  users, items = parallel.to_host(
+    jax.jit(parts.backbone.embed)(params[face_stages.BACKBONE], parts.graph)
   )
   face_params = params[face_stages.FACE]
-
-  @jax.jit
-  def describe(x):
-    return parts.model.apply(
-      {"params": face_params},
-      x,
-      parts.codebook,
-      method=face_lib.FACE.describe,
-    )
-
+  describe = jax.jit(
+    functools.partial(parts.model.apply, method=face_lib.FACE.describe)
+  )
   return {
     kind: _in_batches(
-      describe,
-      [np.asarray(table)],
+      lambda x: describe({"params": face_params}, x, parts.codebook),
+      [table],
       batch_size,
       None if progress is None else f"{progress} {kind}s",
     )

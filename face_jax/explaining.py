@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from face_jax import data
+from face_jax import data, parallel
 from face_jax.data import Dataset
 from face_jax.runs import FinishedRun, RunError
 from face_jax.training import face_stages
@@ -113,7 +113,7 @@ class Explainer:
       users, items = jax.jit(parts.backbone.embed)(
         params[face_stages.BACKBONE], parts.graph
       )
-      self._tables = np.asarray(users), np.asarray(items)
+      self._tables = parallel.to_host((users, items))
     return self._tables
 
   @property

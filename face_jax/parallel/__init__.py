@@ -50,6 +50,7 @@ from face_jax.parallel.sharding import (
   shard_tree,
   sharded_init,
   sharding_by_path,
+  to_host,
   tree_shardings,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
   "sharded_top_w",
   "sharding_by_path",
   "sync_processes",
+  "to_host",
   "tree_shardings",
   "use_mesh",
   "vocab_top_w",

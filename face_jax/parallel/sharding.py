@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from face_jax.parallel.mesh import ShardingError
@@ -295,3 +296,29 @@ def shard_tree(
     The same tree as global jax.Arrays sharded over `mesh`.
   """
   return place_global(tree, tree_shardings(mesh, rules, logical, tree))
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Every leaf whole as a numpy array, on every process.
+
+  A leaf whose shards all lie on this process's devices (every leaf in a
+  one-process job), or that every device holds whole, is read directly.
+  A leaf sharded across processes is all-gathered, so this is a collective
+  on several hosts: every process must call it with the same tree, in the
+  same order, or the job hangs.
+
+  Args:
+    tree: jax or numpy arrays (numpy leaves are returned as they are).
+
+  Returns:
+    The tree with numpy leaves of the same global shapes.
+  """
+
+  def fetch(leaf):
+    if not isinstance(leaf, jax.Array):
+      return np.asarray(leaf)
+    if leaf.is_fully_addressable or leaf.is_fully_replicated:
+      return np.asarray(leaf)
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+  return jax.tree.map(fetch, tree)
