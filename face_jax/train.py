@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -302,6 +303,14 @@ def train_and_evaluate(
     "test": {...}, "epochs": ...}}.
   """
   config = resolve_config(config)
+  if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", str(workdir)):
+    # pathlib would quietly turn gs://b/x into the local folder gs:/b/x.
+    raise ConfigError(
+      f"workdir {workdir} is a URL, but the workdir is written with local "
+      "file operations; mount the bucket on every host (for example "
+      "`gcsfuse BUCKET /mnt/BUCKET`, or launch/tpu_pod.sh mount) and pass "
+      "the mounted folder."
+    )
   workdir = pathlib.Path(workdir).expanduser().absolute()
   if parallel.is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,19 @@
 #       copies this checkout to every worker and installs it with JAX for TPU.
 #   launch/tpu_pod.sh copy LOCAL_PATH REMOTE_PATH
 #       copies a file or folder (a dataset) to the same path on every worker.
+#   launch/tpu_pod.sh mount BUCKET MOUNT_POINT
+#       mounts a Cloud Storage bucket at the same folder on every worker with
+#       gcsfuse (installed first where missing). The workdir must be such a
+#       shared folder: every worker writes its checkpoint shards into it.
 #   launch/tpu_pod.sh run CONFIG WORKDIR [--config.x=y ...]
 #       starts `python -m face_jax.main` on all workers at once; JAX finds the
-#       coordinator itself. WORKDIR should be a gs:// bucket path that every
-#       worker can write to.
+#       coordinator itself. WORKDIR is a folder under the mounted bucket.
 #
 # Example:
+#   TPU_NAME=face-v4-32 ZONE=us-central2-b launch/tpu_pod.sh mount \
+#     my-bucket /mnt/my-bucket
 #   TPU_NAME=face-v4-32 ZONE=us-central2-b launch/tpu_pod.sh run \
-#     configs/steam.py gs://my-bucket/face/steam --config.mesh.shape="(1,-1)"
+#     configs/steam.py /mnt/my-bucket/face/steam --config.mesh.shape="(1,-1)"
 set -euo pipefail
 
 # The pod slice, its zone and project (defaults: gcloud's configured ones).
@@ -48,9 +53,33 @@ case "${1:-}" in
   copy)
     copy_to_all_workers "${2:?local path}" "${3:?remote path}"
     ;;
+  mount)
+    bucket="${2:?bucket name, e.g. my-bucket}"
+    point="${3:?mount point, e.g. /mnt/my-bucket}"
+    # Google's apt repository of gcsfuse, for the worker's Ubuntu release.
+    install='repo="gcsfuse-$(lsb_release -c -s)"'
+    install+=' && curl -fsSL'
+    install+=' https://packages.cloud.google.com/apt/doc/apt-key.gpg'
+    install+=' | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null'
+    install+=' && echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
+    install+=' https://packages.cloud.google.com/apt ${repo} main"'
+    install+=' | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null'
+    install+=' && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse'
+    on_all_workers "(command -v gcsfuse >/dev/null || (${install})) \
+      && sudo mkdir -p $(printf '%q' "${point}") \
+      && sudo chown \"\$(id -u):\$(id -g)\" $(printf '%q' "${point}") \
+      && gcsfuse --implicit-dirs $(printf '%q %q' "${bucket}" "${point}")"
+    ;;
   run)
     config="${2:?config file, e.g. configs/steam.py}"
-    workdir="${3:?workdir, e.g. gs://bucket/face/steam}"
+    workdir="${3:?workdir, e.g. /mnt/my-bucket/face/steam}"
+    case "${workdir}" in
+      *://*)
+        echo "WORKDIR ${workdir} is a URL; mount the bucket first" \
+          "($0 mount BUCKET /mnt/BUCKET) and pass the mounted folder." >&2
+        exit 2
+        ;;
+    esac
     shift 3
     # Quote every argument so that it reaches the workers unchanged.
     command="cd ${REMOTE_DIR} && python3 -m face_jax.main"
@@ -59,7 +88,8 @@ case "${1:-}" in
     on_all_workers "${command}"
     ;;
   *)
-    echo "usage: $0 setup | copy LOCAL REMOTE | run CONFIG WORKDIR [FLAGS]" >&2
+    echo "usage: $0 setup | copy LOCAL REMOTE | mount BUCKET MOUNT_POINT" \
+      "| run CONFIG WORKDIR [FLAGS]" >&2
     exit 2
     ;;
 esac

@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 import configs
+import configs.tiny
 import face_jax.data
 from face_jax import main, train
 from face_jax.data import Dataset
@@ -158,3 +159,14 @@ def test_main_without_texts_ends_after_map_with_descriptors(
   assert len(records) == 40 + 30
   assert all(record["text"] is None for record in records)
   assert all(len(record["words"]) == 4 for record in records)
+
+
+@pytest.mark.parametrize("workdir", ["gs://bucket/face", "s3://b/run"])
+def test_a_url_workdir_is_refused_before_anything_is_written(
+  workdir, tmp_path, monkeypatch
+):
+  monkeypatch.chdir(tmp_path)
+  config = configs.tiny.get_config()
+  with pytest.raises(train.ConfigError, match=r"is a URL.*mount the bucket"):
+    train.train_and_evaluate(config, workdir, dataset=_synthetic_dataset())
+  assert list(tmp_path.iterdir()) == []

@@ -49,7 +49,7 @@ def test_tpu_pod_run_reaches_every_worker_with_its_flags(tmp_path):
       str(_LAUNCH / "tpu_pod.sh"),
       "run",
       "configs/steam.py",
-      "gs://bucket/face run",
+      "/mnt/bucket/face run",
       "--config.mesh.shape=(1,-1)",
     ],
     env=env,
@@ -80,11 +80,68 @@ def test_tpu_pod_run_reaches_every_worker_with_its_flags(tmp_path):
       "-m",
       "face_jax.main",
       "--config=configs/steam.py",
-      "--workdir=gs://bucket/face run",
+      "--workdir=/mnt/bucket/face run",
       "--config.mesh.distributed=True",
       "--config.mesh.shape=(1,-1)",
     ]
   ]
+
+
+def _pod_env(stubs: pathlib.Path) -> dict[str, str]:
+  return {
+    **os.environ,
+    "PATH": f"{stubs}:{os.environ['PATH']}",
+    "TPU_NAME": "face-v4-32",
+    "ZONE": "us-central2-b",
+    "PROJECT": "my-project",
+  }
+
+
+def test_tpu_pod_mount_mounts_the_bucket_on_every_worker(tmp_path):
+  stubs = tmp_path / "bin"
+  stubs.mkdir()
+  _stub(stubs, "gcloud", _RECORD_ARGS)
+  env = _pod_env(stubs)
+  result = subprocess.run(
+    ["bash", str(_LAUNCH / "tpu_pod.sh"), "mount", "my-bucket", "/mnt/my b"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  (call,) = _calls(result.stdout)
+  assert "--worker=all" in call
+  command = next(arg for arg in call if arg.startswith("--command="))
+
+  # A worker where gcsfuse is installed: no install, one mount.
+  calls = tmp_path / "calls"
+  record = f'#!/bin/bash\necho "$(basename $0) $*" >> {calls}\n'
+  for name in ("gcsfuse", "sudo", "apt-get", "curl"):
+    _stub(stubs, name, record)
+  subprocess.run(
+    ["bash", "-c", command.removeprefix("--command=")],
+    env=env,
+    check=True,
+  )
+  lines = calls.read_text().splitlines()
+  assert lines[0] == "sudo mkdir -p /mnt/my b"
+  assert lines[1].startswith("sudo chown ")
+  assert lines[2:] == ["gcsfuse --implicit-dirs my-bucket /mnt/my b"]
+
+
+def test_tpu_pod_run_refuses_a_url_workdir(tmp_path):
+  stubs = tmp_path / "bin"
+  stubs.mkdir()
+  _stub(stubs, "gcloud", _RECORD_ARGS)
+  result = subprocess.run(
+    ["bash", str(_LAUNCH / "tpu_pod.sh"), "run", "c.py", "gs://b/face"],
+    env=_pod_env(stubs),
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 2
+  assert "gs://b/face is a URL; mount the bucket first" in result.stderr
+  assert result.stdout == ""
 
 
 def test_slurm_gives_each_task_its_process_id(tmp_path):
