@@ -312,10 +312,11 @@ def train_and_evaluate(
       "the mounted folder."
     )
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  if parallel.is_main_process():
-    workdir.mkdir(parents=True, exist_ok=True)
+  # Data first: a bad data folder must not leave an empty workdir behind.
   if dataset is None:
     dataset = data.load_dataset(config.data)
+  if parallel.is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
   dataset, stages = cold_start_setup(config, dataset, workdir)
   stages = stages_until(stop_after, stages)
   _write_config(config, workdir)

@@ -170,3 +170,21 @@ def test_a_url_workdir_is_refused_before_anything_is_written(
   with pytest.raises(train.ConfigError, match=r"is a URL.*mount the bucket"):
     train.train_and_evaluate(config, workdir, dataset=_synthetic_dataset())
   assert list(tmp_path.iterdir()) == []
+
+
+def test_main_reports_a_bad_data_folder_in_one_line(tmp_path, parsed_flags):
+  workdir = tmp_path / "run"
+  tiny_config = pathlib.Path(configs.__file__).parent / "tiny.py"
+  parsed_flags(
+    f"--config={tiny_config}",
+    f"--workdir={workdir}",
+    f"--config.data.dir={tmp_path / 'missing'}",
+  )
+  with pytest.raises(SystemExit) as raised:
+    main.main(["face_jax.main"])
+  message = str(raised.value.code)
+  assert message.startswith("face_jax: DataError: ")
+  assert f"{tmp_path / 'missing'} does not exist" in message
+  assert "\n" not in message
+  # Nothing is left behind for the next run to trip over.
+  assert not workdir.exists()
