@@ -9,10 +9,26 @@ import jax.numpy as jnp
 
 from face_jax.llm.specs import UnsupportedModelError
 
+# 1 / sqrt(2), the scale inside exact GELU's erf.
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU as PyTorch computes it: x / 2 * (1 + erf(x / sqrt(2))).
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA evaluates
+  with an exponential and branches; erf is one polynomial, which makes the
+  activation (forward, rematerialised forward and backward) about twice as
+  fast on CPU. In float32 the two differ by at most 1e-6, in the negative
+  tail where GELU is near 0.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
+
 # Hugging Face `hidden_act` names -> activation functions. "gelu" is the
 # exact (erf) form, as in PyTorch.
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu": gelu_erf,
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "relu": jax.nn.relu,
