@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from face_jax.llm.specs import UnsupportedModelError
 
@@ -44,6 +46,34 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
       f"{sorted(_ACTIVATIONS)}."
     )
   return _ACTIVATIONS[name]
+
+
+# Name of the dropout masks in the jaxpr: a rematerialising caller keeps
+# them (jax.checkpoint_policies.save_only_these_names) instead of drawing
+# them again in the backward pass.
+DROPOUT_MASK = "dropout_mask"
+
+
+class Dropout(nn.Module):
+  """Inverted dropout with its mask named `DROPOUT_MASK`.
+
+  Draws the same mask from the same key as flax's nn.Dropout and scales the
+  kept elements by 1 / (1 - rate); only the name is added.
+
+  Attributes:
+    rate: drop probability.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return inputs
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, inputs.shape)
+    mask = checkpoint_name(mask, DROPOUT_MASK)
+    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
 
 
 def attention_bias(mask: jax.Array, causal: bool) -> jax.Array:
