@@ -16,8 +16,10 @@ with `python benchmarks/render_results.py`):
       --config=configs/amazon.py --config.data.dir=/path/to/amazon
 
   The backbone and FACE parameters are freshly initialised (speed does not
-  depend on their values). A dataset without texts gets random unit profile
-  targets for the align step, which cost the same as real ones.
+  depend on their values); the step's key is the stage's, of the PRNG that
+  config.face.rng_impl picks, as in the job. A dataset without texts gets
+  random unit profile targets for the align step, which cost the same as
+  real ones.
   --all_whole_words uses every whole-word token of the tokenizer as the
   codebook (21,745 for MiniLM) instead of the noun/adjective vocabulary.
 
@@ -223,7 +225,10 @@ def measure_step(config, dataset, load_before) -> dict:
     config, config[stage], dataset, stage
   )(1)
   steps = len(batches["user"])
-  rng = jax.random.key(0)
+  # The stage's own key, so dropout and edge drop use the PRNG the job uses
+  # (config.face.rng_impl: Philox on one device draws them several times
+  # faster on CPU than jax.random.key's default threefry).
+  rng = face_stages.stage_rng(config, stage)
   first = {name: values[0] for name, values in batches.items()}
   gflop = useful_gflop(config, parts, stage, (state, first, constants, rng))
   start = time.perf_counter()
@@ -250,6 +255,7 @@ def measure_step(config, dataset, load_before) -> dict:
     "step_seconds_runs": [round(s, 4) for s in seconds[1:]],
     "compile_seconds": round(compile_seconds, 2),
     "llm_chunk": config.align.llm_chunk if stage == "align" else None,
+    "rng_impl": str(jax.random.key_impl(rng)),
     "quantizer_chunk": config.face.chunk_size,
     "gflop": round(gflop, 1),
     "achieved_gflops": round(gflop / median, 1),

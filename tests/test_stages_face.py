@@ -274,6 +274,52 @@ def test_chunked_encoding_matches_one_call_in_value_and_gradient(parts, chunk):
   assert np.all(np.abs(expected_grad[1, 5:]) == 0)
 
 
+def test_chunked_dropout_matches_plain_calls_in_value_and_gradient(parts):
+  # The chunked encoder keeps its dropout masks for the backward pass
+  # instead of drawing them again; value and gradient must still be those
+  # of plain calls on the same chunks with the same keys, without remat.
+  llm = parts.llm
+  hidden = llm.info.hidden_size
+  sentences = jax.random.normal(jax.random.key(5), (5, 7, hidden))
+  mask = jnp.ones((5, 7), jnp.int32).at[1, 5:].set(0)
+  weights = jax.random.normal(jax.random.key(6), (5, hidden))
+  rng = jax.random.key(4)
+
+  def chunked(inputs):
+    encoded = face_stages.encode_sentences(
+      llm, llm.params, inputs, mask, rng, llm_dropout=True, chunk=2
+    )
+    return jnp.sum(encoded * weights), encoded
+
+  def plain(inputs):
+    padded = jnp.pad(inputs, ((0, 1), (0, 0), (0, 0)))
+    padded_mask = jnp.pad(mask, ((0, 1), (0, 0)))
+    keys = jax.random.split(rng, 3)
+    encoded = jnp.concatenate(
+      [
+        llm.encode(
+          llm.params,
+          padded[2 * i : 2 * i + 2],
+          padded_mask[2 * i : 2 * i + 2],
+          deterministic=False,
+          rng=keys[i],
+        )
+        for i in range(3)
+      ]
+    )[:5]
+    return jnp.sum(encoded * weights), encoded
+
+  got_grad, got = jax.jit(jax.grad(chunked, has_aux=True))(sentences)
+  expected_grad, expected = jax.jit(jax.grad(plain, has_aux=True))(sentences)
+
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
+  deterministic = face_stages.encode_sentences(
+    llm, llm.params, sentences, mask, rng, llm_dropout=False, chunk=2
+  )
+  assert np.max(np.abs(got - deterministic)) > 1e-3
+
+
 def test_negative_llm_chunk_is_refused(config, parts):
   bad = copy.deepcopy(config)
   bad.align.llm_chunk = -1

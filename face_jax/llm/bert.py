@@ -54,7 +54,7 @@ class BertAttention(nn.Module):
       projected = _dense(spec.hidden_size, self.dtype, name)(hidden)
       return projected.reshape(batch, length, spec.num_heads, head_dim)
 
-    dropout = nn.Dropout(spec.attention_dropout)
+    dropout = layers.Dropout(spec.attention_dropout)
     context = layers.softmax_attention(
       project("query"),
       project("key"),
@@ -77,7 +77,7 @@ class BertLayer(nn.Module):
     self, hidden: jax.Array, bias: jax.Array, deterministic: bool
   ) -> jax.Array:
     spec = self.spec
-    dropout = nn.Dropout(spec.hidden_dropout)
+    dropout = layers.Dropout(spec.hidden_dropout)
 
     attended = BertAttention(spec, self.dtype, name="attention")(
       hidden, bias, deterministic
@@ -122,7 +122,7 @@ class Bert(nn.Module):
       spec.type_vocab_size, "token_type_embeddings"
     )
     self.embeddings_norm = _layer_norm(spec, self.dtype, "embeddings_norm")
-    self.embeddings_dropout = nn.Dropout(spec.hidden_dropout)
+    self.embeddings_dropout = layers.Dropout(spec.hidden_dropout)
     self.layers = [
       BertLayer(spec, self.dtype, name=f"layers_{i}")
       for i in range(spec.num_layers)

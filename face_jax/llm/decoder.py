@@ -87,7 +87,7 @@ class DecoderAttention(nn.Module):
     query = apply_rotary(project(spec.num_heads, "query"), *rotary)
     key = apply_rotary(project(spec.num_kv_heads, "key"), *rotary)
     value = project(spec.num_kv_heads, "value")
-    dropout = nn.Dropout(spec.attention_dropout)
+    dropout = layers.Dropout(spec.attention_dropout)
     context = layers.softmax_attention(
       query,
       key,

@@ -4,15 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from face_jax.llm.specs import UnsupportedModelError
+
+# 1 / sqrt(2), the scale inside exact GELU's erf.
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU as PyTorch computes it: x / 2 * (1 + erf(x / sqrt(2))).
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA evaluates
+  with an exponential and branches; erf is one polynomial, which makes the
+  activation (forward, rematerialised forward and backward) about twice as
+  fast on CPU. In float32 the two differ by at most 1e-6, in the negative
+  tail where GELU is near 0.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
 
 # Hugging Face `hidden_act` names -> activation functions. "gelu" is the
 # exact (erf) form, as in PyTorch.
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu": gelu_erf,
   "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
   "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "relu": jax.nn.relu,
@@ -28,6 +46,34 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
       f"{sorted(_ACTIVATIONS)}."
     )
   return _ACTIVATIONS[name]
+
+
+# Name of the dropout masks in the jaxpr: a rematerialising caller keeps
+# them (jax.checkpoint_policies.save_only_these_names) instead of drawing
+# them again in the backward pass.
+DROPOUT_MASK = "dropout_mask"
+
+
+class Dropout(nn.Module):
+  """Inverted dropout with its mask named `DROPOUT_MASK`.
+
+  Draws the same mask from the same key as flax's nn.Dropout and scales the
+  kept elements by 1 / (1 - rate); only the name is added.
+
+  Attributes:
+    rate: drop probability.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return inputs
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, inputs.shape)
+    mask = checkpoint_name(mask, DROPOUT_MASK)
+    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
 
 
 def attention_bias(mask: jax.Array, causal: bool) -> jax.Array:
