@@ -23,6 +23,9 @@ from face_jax.data import Dataset
 from face_jax.evaluation import prepare_ranking
 from face_jax.training import pretrain as pretrain_stage
 
+# The tiny config as a file, the way --config names one.
+_TINY_CONFIG = pathlib.Path(configs.__file__).parent / "tiny.py"
+
 
 def _synthetic_dataset(num_users=40, num_items=30, seed=0):
   rng = np.random.default_rng(seed)
@@ -80,9 +83,8 @@ def test_main_trains_scores_and_skips_when_rerun(
 
   monkeypatch.setattr(face_jax.data, "load_dataset", load_dataset, False)
   workdir = tmp_path / "run"
-  tiny_config = pathlib.Path(configs.__file__).parent / "tiny.py"
   parsed_flags(
-    f"--config={tiny_config}",
+    f"--config={_TINY_CONFIG}",
     f"--workdir={workdir}",
     "--config.pretrain.max_epochs=2",
     "--config.model.backbone=mf",
@@ -138,9 +140,8 @@ def test_main_without_texts_ends_after_map_with_descriptors(
     face_jax.data, "load_dataset", lambda _: _synthetic_dataset(), False
   )
   workdir = tmp_path / "run"
-  tiny_config = pathlib.Path(configs.__file__).parent / "tiny.py"
   parsed_flags(
-    f"--config={tiny_config}",
+    f"--config={_TINY_CONFIG}",
     f"--workdir={workdir}",
     f"--config.llm.model={write_tiny_bert(tmp_path / 'bert')}",
     "--config.model.backbone=mf",
@@ -174,9 +175,8 @@ def test_a_url_workdir_is_refused_before_anything_is_written(
 
 def test_main_reports_a_bad_data_folder_in_one_line(tmp_path, parsed_flags):
   workdir = tmp_path / "run"
-  tiny_config = pathlib.Path(configs.__file__).parent / "tiny.py"
   parsed_flags(
-    f"--config={tiny_config}",
+    f"--config={_TINY_CONFIG}",
     f"--workdir={workdir}",
     f"--config.data.dir={tmp_path / 'missing'}",
   )
