@@ -63,6 +63,7 @@ from face_jax.evaluation import RankingTask, prepare_ranking, rank_metrics
 from face_jax.models import face as face_lib
 from face_jax.models import quantizer
 from face_jax.training import face_stages
+from face_jax.training.loop import describe_metrics
 from face_jax.training.writer import MetricWriter
 
 STAGE = "cold_start"
@@ -558,7 +559,7 @@ def run_cold_start(
         "cold %ss, %s: %s",
         kind,
         method,
-        " ".join(f"{m}={v:.4f}" for m, v in result[kind][method].items()),
+        describe_metrics(result[kind][method]),
       )
   if parallel.is_main_process():
     descriptors.write_atomic(

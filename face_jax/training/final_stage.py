@@ -16,6 +16,7 @@ from absl import logging
 
 from face_jax.data import Dataset
 from face_jax.training import checkpoints, face_stages, pretrain
+from face_jax.training.loop import describe_metrics
 from face_jax.training.writer import MetricWriter
 
 STAGE = "final"
@@ -76,6 +77,6 @@ def run_final(
         "%-5s %-8s %s",
         split,
         name,
-        " ".join(f"{m}={v:.4f}" for m, v in stages[name][split].items()),
+        describe_metrics(stages[name][split]),
       )
   return {"after": after, "stages": stages, "change": change}

@@ -166,7 +166,8 @@ def _train_epoch(
   return state, _mean_metrics(history)
 
 
-def _describe(metrics: Mapping[str, float]) -> str:
+def describe_metrics(metrics: Mapping[str, float]) -> str:
+  """ "name=value ..." with 4 decimals: how every log line shows metrics."""
   return " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
 
 
@@ -250,8 +251,8 @@ class _EpochRunner:
       epoch,
       seconds,
       eval_seconds,
-      _describe(train_metrics),
-      _describe(valid_metrics),
+      describe_metrics(train_metrics),
+      describe_metrics(valid_metrics),
       " (best)" if improved else "",
     )
     return state
