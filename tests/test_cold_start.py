@@ -217,14 +217,11 @@ def test_cold_user_metrics_rank_all_warm_items():
     warm_cf=warm_items, warm_profiles=warm_items, cold_profiles=cold_users
   )
   pairs = np.array([[0, 2], [1, 0], [1, 1]], np.int32)
+  cold_tables = {method: cold_users for method in ("face", "alpharec", "text")}
   result = cold_start.score_cold(
     kind="user",
     pairs=pairs,
-    cold_tables={
-      "face": cold_users,
-      "alpharec": cold_users,
-      "text": cold_users,
-    },
+    cold_tables=cold_tables,
     other=other,
     ks=(1, 3),
     batch_size=8,
@@ -242,11 +239,7 @@ def test_cold_user_metrics_rank_all_warm_items():
     cold_start.score_cold(
       kind="user",
       pairs=pairs,
-      cold_tables={
-        "face": cold_users,
-        "alpharec": cold_users,
-        "text": cold_users,
-      },
+      cold_tables=cold_tables,
       other=other,
       ks=(5,),
       batch_size=8,
