@@ -57,6 +57,9 @@ _SIZES = [
   (6, 16, 203, 4, 3),  # chunk smaller than W
   (4, 8, 500, 3, 64),  # many chunks, many exact ties
   (2, 1, 9, 2, 4),  # a single word
+  # Chunks of more blocks than words, so the block pre-selection decides.
+  (4, 4, 700, 3, 300),
+  (3, 16, 2000, 2, 1024),  # width 2: many equal block minima
 ]
 
 
@@ -71,6 +74,26 @@ def test_quantize_equals_naive_greedy(sizes, make):
     expected = _naive_greedy(z, codebook)
     np.testing.assert_array_equal(result.token_index, expected)
     assert result.token_index.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("w", [1, 3, 16])
+def test_block_top_w_equals_stable_sort(w):
+  # Integers: equal entries within and across blocks, equal block minima,
+  # and blocks whose order by minimum is not their order by position. The
+  # result must be the first w of a stable sort.
+  rng = np.random.default_rng(w)
+  offsets = rng.integers(0, 8, (50, 24, 1))
+  dist = rng.integers(0, 12, (50, 24, 32)) + offsets
+  dist = dist.reshape(50, 24 * 32).astype(np.float32)
+  dist[:, 40:70] = np.inf  # padding rows of a last chunk
+  got_dist, got_pos = jax.jit(quantizer._block_top_w, static_argnums=(1, 2))(
+    jnp.asarray(dist), w, 32
+  )
+  order = np.argsort(dist, axis=-1, kind="stable")[:, :w]
+  np.testing.assert_array_equal(got_pos, order)
+  np.testing.assert_array_equal(
+    got_dist, np.take_along_axis(dist, order, axis=-1)
+  )
 
 
 def test_integer_cases_do_have_ties():

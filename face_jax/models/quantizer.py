@@ -41,12 +41,18 @@ COMMITMENT_WEIGHT = 0.25
 # real codebook index, and their distance is +inf.
 _NO_INDEX = jnp.iinfo(jnp.int32).max
 
+# Codebook rows per block of the two-level top-W of a chunk; 32 was the
+# fastest of 16-128 on CPU (batch 256, W 16, 7,957 tokens).
+_BLOCK = 32
+
 
 class QuantizerError(ValueError):
   """Shapes or sizes that the quantiser cannot work with."""
 
 
-def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
+def squared_distances(
+  z: jax.Array, codebook: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
   """||z - c||^2 expanded as ||z||^2 - 2 z.c + ||c||^2.
 
   The expansion can be slightly negative or unequal for equal true distances
@@ -55,12 +61,17 @@ def squared_distances(z: jax.Array, codebook: jax.Array) -> jax.Array:
   Args:
     z: [m, h] query vectors.
     codebook: [v, h] codebook rows.
+    valid: optional [v] bool; rows where it is False are at distance +inf
+      (padding). Masking the [v] norms costs nothing, masking the [m, v]
+      result would be another pass over it.
 
   Returns:
     [m, v] squared distances.
   """
   z_sq = jnp.sum(z * z, axis=-1, keepdims=True)
   code_sq = jnp.sum(codebook * codebook, axis=-1)
+  if valid is not None:
+    code_sq = jnp.where(valid, code_sq, jnp.inf)
   return z_sq - 2.0 * (z @ codebook.T) + code_sq
 
 
@@ -126,29 +137,30 @@ def top_w_candidates(
   z = lax.stop_gradient(z)
   codebook = lax.stop_gradient(codebook)
   vocab = codebook.shape[0]
-  # A shard smaller than a chunk is one chunk of its own size.
+  # A shard smaller than a chunk is one chunk of its own size; a chunk is
+  # a whole number of blocks (padding rows are never chosen).
   chunk = min(chunk, max(vocab, 1))
+  block = min(_BLOCK, chunk)
+  chunk = -(-chunk // block) * block
   num_chunks = -(-vocab // chunk)
   padded = jnp.pad(codebook, ((0, num_chunks * chunk - vocab), (0, 0)))
   chunks = padded.reshape(num_chunks, chunk, codebook.shape[-1])
   starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
-  keep = min(w, chunk)
 
   def step(best, xs):
     rows, start = xs
     positions = start + jnp.arange(chunk, dtype=jnp.int32)
     is_row = positions < vocab
-    dist = jnp.where(is_row, squared_distances(z, rows), jnp.inf)
-    # top_k puts the lower position first among equal values, so the
-    # chunk's list is already in (distance, index) order.
-    neg_dist, local = lax.top_k(-dist, keep)
+    dist = squared_distances(z, rows, is_row)
+    chunk_dist, local = _block_top_w(dist, w, block)
     found = jnp.where(is_row, positions, _NO_INDEX)[local]
-    merged = merge_top_w(
-      jnp.concatenate([best[0], -neg_dist], axis=-1),
-      jnp.concatenate([best[1], found], axis=-1),
-      w,
-    )
-    return merged, None
+    # Every index in `best` is below this chunk's, and both lists are in
+    # (distance, index) order, so top_k's lower-position-first rule among
+    # equal distances keeps that order without a two-key sort.
+    both_dist = jnp.concatenate([best[0], chunk_dist], axis=-1)
+    both_idx = jnp.concatenate([best[1], found], axis=-1)
+    neg_dist, pick = lax.top_k(-both_dist, w)
+    return (-neg_dist, jnp.take_along_axis(both_idx, pick, axis=-1)), None
 
   m = z.shape[0]
   empty = (
@@ -159,6 +171,45 @@ def top_w_candidates(
   real = indices != _NO_INDEX
   indices = jnp.where(real, indices + index_offset, _NO_INDEX)
   return distances, indices.astype(jnp.int32)
+
+
+def _block_top_w(
+  dist: jax.Array, w: int, block: int
+) -> tuple[jax.Array, jax.Array]:
+  """The w smallest of each row, in (distance, position) order.
+
+  Each of the w smallest entries lies in one of the w blocks with the
+  smallest minima (a block holding one of them has its minimum at or below
+  the w-th smallest value, and at most w blocks are needed; among equal
+  minima the lower block wins, as among equal entries the lower position
+  does). So only those w blocks go to the final top_k: on CPU, top_k over
+  the [m, chunk] row costs about three times the distance product that
+  made it, over w * block candidates a fraction.
+
+  Args:
+    dist: [m, chunk] distances, chunk a multiple of `block`.
+    w: how many to keep.
+    block: entries per block.
+
+  Returns:
+    (distances [m, k], positions [m, k] int32 in 0..chunk-1), k = min(w,
+    chunk).
+  """
+  m, chunk = dist.shape
+  blocks = dist.reshape(m, chunk // block, block)
+  num_blocks = min(w, chunk // block)
+  _, block_id = lax.top_k(-jnp.min(blocks, axis=-1), num_blocks)
+  # In position order, so the final top_k breaks ties by position.
+  block_id = jnp.sort(block_id, axis=-1)
+  candidates = jnp.take_along_axis(blocks, block_id[:, :, None], axis=1)
+  positions = block_id[:, :, None] * block + jnp.arange(block, dtype=jnp.int32)
+  neg_dist, pick = lax.top_k(
+    -candidates.reshape(m, num_blocks * block), min(w, num_blocks * block)
+  )
+  found = jnp.take_along_axis(
+    positions.reshape(m, num_blocks * block), pick, axis=-1
+  )
+  return -neg_dist, found.astype(jnp.int32)
 
 
 def greedy_distinct(
