@@ -134,7 +134,7 @@ def test_face_step_matches_single_device(stages, stage):
   assert sorted(results) == sorted([(1, 1), *_step_parity.MESH_SHAPES])
   reference = results[(1, 1)]
   assert int(reference.state.step) == 1
-  terms = {"loss", "bpr", "vq", "recon", "grad_norm"}
+  terms = {"loss", "bpr", "vq", "recon", "distinct_tokens", "grad_norm"}
   if stage == face_stages.ALIGN:
     terms.add("align")
   assert set(reference.metrics) == terms

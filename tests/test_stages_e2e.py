@@ -93,8 +93,18 @@ def test_job_runs_every_stage_and_resumes_after_a_stop(
     )
     if "train" in record
   }
-  assert terms["map"] == {"loss", "bpr", "vq", "recon", "grad_norm"}
-  assert terms["align"] == {"loss", "bpr", "vq", "recon", "align", "grad_norm"}
+  logged = {"loss", "bpr", "vq", "recon", "distinct_tokens", "grad_norm"}
+  assert terms["map"] == logged
+  assert terms["align"] == logged | {"align"}
+  for record in map(
+    json.loads,
+    (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines(),
+  ):
+    if "train" in record and record["stage"] in ("map", "align"):
+      # An epoch's mean over batches of 3B entities with W words each.
+      words = config.face.num_words
+      batch = config[record["stage"]].batch_size
+      assert words <= record["train"]["distinct_tokens"] <= 3 * batch * words
   assert list(reference) == list(train.STAGE_NAMES)
   assert reference["align"]["epochs"] == config.align.max_epochs
   final = reference["final"]

@@ -198,7 +198,7 @@ def test_alignment_gradient_reaches_the_words_not_the_codebook_map(
   params = _state(config, parts).params
   grads = jax.jit(
     jax.grad(
-      lambda p: loss_terms(p, constants, batch, jax.random.key(4))["align"]
+      lambda p: loss_terms(p, constants, batch, jax.random.key(4))[0]["align"]
     )
   )(params)
   face_grads = grads[face_stages.FACE]
@@ -379,3 +379,11 @@ def test_auto_rng_is_philox_on_one_device_and_threefry_on_several(config):
   bad.face.rng_impl = "mersenne"
   with pytest.raises(face_stages.FaceStageError, match="'mersenne'"):
     face_stages.stage_rng(bad, face_stages.MAP)
+
+
+def test_distinct_count_counts_different_tokens():
+  tokens = jnp.array([[3, 1, 2], [1, 2, 3], [7, 3, 0]], jnp.int32)
+  assert float(face_stages.distinct_count(tokens)) == 5.0
+  # Every entity with the same words: collapse shows as W tokens.
+  same = jnp.tile(jnp.array([[9, 4, 5, 6]], jnp.int32), (6, 1))
+  assert float(face_stages.distinct_count(same)) == 4.0

@@ -102,6 +102,38 @@ def test_train_step_compiles_once_and_early_stopping_restores_best(tmp_path):
   assert improved == [True, True, False, False, True, False, False, False]
 
 
+def test_reported_stats_reach_the_metrics_but_not_the_loss():
+  optimizer = adam_coupled_l2(0.1, 0.01)
+  batch = {"target": np.array([1.0, 3.0], np.float32)}
+  params = {"w": jnp.array([0.5, -1.0, 2.0], jnp.float32)}
+
+  def terms(params, batch):
+    return {"fit": jnp.mean((params["w"] - batch["target"][:, None]) ** 2)}
+
+  def with_stats(params, graph, batch, rng):
+    del graph, rng
+    # A stat that depends on the params: it must get no gradient.
+    return terms(params, batch), {"w_sum": 1e3 * jnp.sum(params["w"])}
+
+  def without_stats(params, graph, batch, rng):
+    del graph, rng
+    return terms(params, batch)
+
+  results = []
+  for loss_fn in (with_stats, without_stats):
+    step = make_train_step(loss_fn, optimizer)
+    state = TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
+    results.append(step(state, batch, None, jax.random.key(0)))
+  (stat_state, stat_metrics), (plain_state, plain_metrics) = results
+  assert float(stat_metrics["w_sum"]) == pytest.approx(1500.0)
+  # w = (0.5, -1, 2) against targets (1, 3): mean of the six squares.
+  expected = np.mean((np.array([0.5, -1.0, 2.0]) - [[1.0], [3.0]]) ** 2)
+  assert float(stat_metrics["loss"]) == pytest.approx(expected)
+  assert set(plain_metrics) == {"loss", "fit", "grad_norm"}
+  assert stat_metrics["grad_norm"] == plain_metrics["grad_norm"]
+  np.testing.assert_array_equal(stat_state.params["w"], plain_state.params["w"])
+
+
 def test_nan_loss_stops_with_the_step(tmp_path):
   state, train_step, make_batches = _quadratic_setup()
 

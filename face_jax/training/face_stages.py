@@ -515,10 +515,11 @@ def alignment_loss(
 def make_face_loss(
   config: ml_collections.ConfigDict, parts: FaceParts, *, align: bool
 ) -> Callable:
-  """(params, constants, batch, rng) -> weighted loss terms of a stage.
+  """(params, constants, batch, rng) -> (loss terms, stats) of a stage.
 
-  Terms: the backbone's ("bpr", ...), "vq", "recon", and with `align`
-  also "align".
+  Terms (weighted): the backbone's ("bpr", ...), "vq", "recon", and with
+  `align` also "align". Stats: "distinct_tokens", how many different
+  tokens the batch's descriptors use (see `distinct_count`).
   """
   face = config.face
   llm_dropout = bool(config.llm.train_dropout)
@@ -555,9 +556,28 @@ def make_face_loss(
         temperature=face.temperature,
         chunk=config.align.llm_chunk,
       )
-    return terms
+    return terms, {"distinct_tokens": distinct_count(outputs["token_index"])}
 
   return loss_terms
+
+
+def distinct_count(token_index: jax.Array) -> jax.Array:
+  """How many different values `token_index` holds, as a float32 scalar.
+
+  In a batch of 3B entities with W words each this ranges from W (every
+  entity has the same descriptors: collapse) to min(3B * W, vocabulary);
+  it is logged every epoch so a collapsing run shows in the logs long
+  before the descriptors are exported.
+
+  Args:
+    token_index: [n, W] int token indices.
+
+  Returns:
+    float32 scalar.
+  """
+  ordered = jnp.sort(token_index.reshape(-1))
+  changes = jnp.sum(ordered[1:] != ordered[:-1])
+  return (changes + 1).astype(jnp.float32)
 
 
 def make_stage_batches(

@@ -39,10 +39,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from face_jax import parallel
 
-# (params, graph, batch, rng) -> {loss name: weighted scalar}; the training
-# loss is the sum of the terms.
-LossFn = Callable[[Any, Any, dict[str, jax.Array], jax.Array], dict]
-# (state, batch, graph, rng) -> (state, {"loss": total, **terms,
+# (params, graph, batch, rng) -> {loss name: weighted scalar}, or a pair
+# (that dict, {stat name: scalar}); the training loss is the sum of the
+# terms, the stats are only reported (no gradient flows from them).
+LossFn = Callable[[Any, Any, dict[str, jax.Array], jax.Array], Any]
+# (state, batch, graph, rng) -> (state, {"loss": total, **terms, **stats,
 # "grad_norm": global gradient norm}).
 TrainStep = Callable[..., tuple["TrainState", dict[str, jax.Array]]]
 
@@ -323,26 +324,28 @@ def make_train_step(
   `face_jax.parallel.compile_and_log` to log its memory per device.
 
   Args:
-    loss_fn: (params, graph, batch, rng) -> dict of weighted loss terms.
+    loss_fn: (params, graph, batch, rng) -> dict of weighted loss terms,
+      or (that dict, dict of reported statistics).
     optimizer: the optax transformation.
     layout: where the arguments live; None leaves placement to JAX (one
       device).
 
   Returns:
-    The jitted step; `metrics` holds "loss" (the sum), every term and
-    "grad_norm" (the global L2 norm of the gradient).
+    The jitted step; `metrics` holds "loss" (the sum), every term, every
+    statistic and "grad_norm" (the global L2 norm of the gradient).
   """
 
   def train_step(state: TrainState, batch, graph, rng):
     step_rng = jax.random.fold_in(rng, state.step)
 
     def total_loss(params):
-      terms = loss_fn(params, graph, batch, step_rng)
-      return sum(terms.values()), terms
+      out = loss_fn(params, graph, batch, step_rng)
+      terms, stats = out if isinstance(out, tuple) else (out, {})
+      return sum(terms.values()), (terms, stats)
 
-    (loss, terms), grads = jax.value_and_grad(total_loss, has_aux=True)(
-      state.params
-    )
+    (loss, (terms, stats)), grads = jax.value_and_grad(
+      total_loss, has_aux=True
+    )(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(
       step=state.step + 1,
@@ -353,6 +356,7 @@ def make_train_step(
     return new_state, {
       "loss": loss,
       **terms,
+      **stats,
       "grad_norm": optax.tree.norm(grads),
     }
 
