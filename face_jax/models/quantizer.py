@@ -183,8 +183,8 @@ def _block_top_w(
   the w-th smallest value, and at most w blocks are needed; among equal
   minima the lower block wins, as among equal entries the lower position
   does). So only those w blocks go to the final top_k: on CPU, top_k over
-  the [m, chunk] row costs about three times the distance product that
-  made it, over w * block candidates a fraction.
+  the whole [m, chunk] rows took longer than the distance product that
+  made them, over the w * block candidates it takes a fraction of that.
 
   Args:
     dist: [m, chunk] distances, chunk a multiple of `block`.
