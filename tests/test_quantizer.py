@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from face_jax.models import quantizer
+from face_jax.parallel import search
 
 _NO_INDEX = np.iinfo(np.int32).max
 
@@ -174,7 +175,7 @@ def test_merge_over_split_codebook_equals_unsplit():
     )
   # Shard order does not matter to the merge.
   lists = [lists[i] for i in (3, 0, 4, 1, 2)]
-  merged = quantizer.merge_top_w(
+  merged = search.merge_candidates(
     jnp.concatenate([d for d, _ in lists], -1),
     jnp.concatenate([i for _, i in lists], -1),
     16,

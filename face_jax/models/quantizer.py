@@ -14,10 +14,11 @@ candidates. Memory is O(n * W * W) plus an [n * W, chunk] transient.
 The two stages are separate so that a vocabulary-sharded codebook can be
 searched shard by shard (`top_w_candidates` with the shard's
 `index_offset`), the per-shard lists concatenated and reduced by
-`merge_top_w`, and only then handed to `greedy_distinct`. `quantize` does
-this by itself when it is traced inside a `face_jax.parallel.use_mesh`
-block whose rules split the logical axis "vocab" over several devices
-(`face_jax.parallel.vocab_top_w`); the codebook is never gathered.
+`face_jax.parallel.search.merge_candidates`, and only then handed to
+`greedy_distinct`. `quantize` does this by itself when it is traced inside
+a `face_jax.parallel.use_mesh` block whose rules split the logical axis
+"vocab" over several devices (`face_jax.parallel.vocab_top_w`); the
+codebook is never gathered.
 
 Ties: at every stage, among equal distances the lowest codebook index wins
 (the same rule as an argmin over the full row).
@@ -73,32 +74,6 @@ def squared_distances(
   if valid is not None:
     code_sq = jnp.where(valid, code_sq, jnp.inf)
   return z_sq - 2.0 * (z @ codebook.T) + code_sq
-
-
-def merge_top_w(
-  distances: jax.Array, indices: jax.Array, w: int
-) -> tuple[jax.Array, jax.Array]:
-  """The w best of several candidate lists, in (distance, index) order.
-
-  Args:
-    distances: [m, k] candidate distances, the lists of any number of
-      chunks or shards concatenated along the last axis, in any order.
-    indices: [m, k] int32 codebook indices of those candidates (global
-      indices when the lists come from different shards).
-    w: how many to keep; at most k.
-
-  Returns:
-    (distances [m, w], indices [m, w]) sorted by distance, then by index.
-  """
-  if w > distances.shape[-1]:
-    raise QuantizerError(
-      f"merge_top_w keeps w={w} of only {distances.shape[-1]} candidates; "
-      "pass at least w candidates per row."
-    )
-  distances, indices = lax.sort(
-    (distances, indices.astype(jnp.int32)), dimension=-1, num_keys=2
-  )
-  return distances[..., :w], indices[..., :w]
 
 
 def top_w_candidates(
