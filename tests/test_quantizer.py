@@ -97,6 +97,33 @@ def test_block_top_w_equals_stable_sort(w):
   )
 
 
+def test_rows_at_infinite_distance_beat_empty_slots():
+  # ||c||^2 overflows float32 to +inf for the two far rows: they are still
+  # codebook rows and must be chosen before an empty candidate slot.
+  z = np.zeros((1, 2, 2), np.float32)
+  codebook = np.array([[0, 0], [1e20, 0], [3e20, 0]], np.float32)
+  for chunk in (1, 2, 4):
+    _, idx = quantizer.top_w_candidates(
+      jnp.asarray(z[0]), jnp.asarray(codebook), 2, chunk
+    )
+    np.testing.assert_array_equal(idx, [[0, 1], [0, 1]])
+    result = _quantize(jnp.asarray(z), jnp.asarray(codebook), chunk)
+    np.testing.assert_array_equal(result.token_index, [[0, 1]])
+
+
+def test_a_nan_row_hides_only_itself():
+  # Row 1 is NaN: it is never preferred to a real row, and rows 0 and 2..
+  # of its block stay candidates (four blocks of 32, two words: the block
+  # pre-selection decides).
+  codebook = np.arange(128, dtype=np.float32)[:, None] + 1
+  codebook[0], codebook[1] = 0, np.nan
+  dist, idx = quantizer.top_w_candidates(
+    jnp.zeros((1, 1)), jnp.asarray(codebook), 2, 128
+  )
+  np.testing.assert_array_equal(idx, [[0, 2]])
+  np.testing.assert_array_equal(dist, [[0.0, 9.0]])
+
+
 def test_integer_cases_do_have_ties():
   # The exactness cases above are only a tie test if ties really occur.
   z, codebook = _integer_case(np.random.default_rng(0), 4, 8, 500, 3)

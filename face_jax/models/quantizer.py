@@ -126,16 +126,23 @@ def top_w_candidates(
     rows, start = xs
     positions = start + jnp.arange(chunk, dtype=jnp.int32)
     is_row = positions < vocab
-    dist = squared_distances(z, rows, is_row)
+    # A row with a NaN or inf entry (a broken token embedding) is put at
+    # distance +inf: as NaN it would make its whole block's minimum NaN
+    # and hide the block's other rows from the search.
+    finite = jnp.all(jnp.isfinite(rows), axis=-1)
+    rows = jnp.where(finite[:, None], rows, 0.0)
+    dist = squared_distances(z, rows, jnp.logical_and(is_row, finite))
     chunk_dist, local = _block_top_w(dist, w, block)
     found = jnp.where(is_row, positions, _NO_INDEX)[local]
-    # Every index in `best` is below this chunk's, and both lists are in
-    # (distance, index) order, so top_k's lower-position-first rule among
-    # equal distances keeps that order without a two-key sort.
-    both_dist = jnp.concatenate([best[0], chunk_dist], axis=-1)
-    both_idx = jnp.concatenate([best[1], found], axis=-1)
-    neg_dist, pick = lax.top_k(-both_dist, w)
-    return (-neg_dist, jnp.take_along_axis(both_idx, pick, axis=-1)), None
+    # A two-key sort, not top_k by position: the empty slots of `best`
+    # (+inf, index 2**31 - 1) must lose to real rows whose distance
+    # overflowed to +inf.
+    merged = search.merge_candidates(
+      jnp.concatenate([best[0], chunk_dist], axis=-1),
+      jnp.concatenate([best[1], found], axis=-1),
+      w,
+    )
+    return merged, None
 
   m = z.shape[0]
   empty = (
