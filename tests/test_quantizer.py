@@ -101,8 +101,12 @@ def test_rows_at_infinite_distance_beat_empty_slots():
   # ||c||^2 overflows float32 to +inf for the two far rows: they are still
   # codebook rows and must be chosen before an empty candidate slot.
   z = np.zeros((1, 2, 2), np.float32)
-  codebook = np.array([[0, 0], [1e20, 0], [3e20, 0]], np.float32)
-  for chunk in (1, 2, 4):
+  codebook = np.array(
+    [[0, 0], [1e20, 0], [3e20, 0], [2e20, 0], [1e20, 0]], np.float32
+  )
+  # Chunks below W start from empty slots; the others from the first
+  # chunk's rows, over one chunk or several.
+  for chunk in (1, 2, 3, 8):
     _, idx = quantizer.top_w_candidates(
       jnp.asarray(z[0]), jnp.asarray(codebook), 2, chunk
     )

@@ -99,6 +99,8 @@ def top_w_candidates(
   Returns:
     (distances [m, w], indices [m, w] int32) sorted by distance, then
     index. When v < w the tail holds +inf distances and index 2**31 - 1.
+    A row whose distance overflows float32 (or that holds a NaN or inf)
+    comes back at the largest finite float32 distance.
   """
   if chunk < 1 or w < 1:
     raise QuantizerError(
@@ -122,8 +124,7 @@ def top_w_candidates(
   chunks = padded.reshape(num_chunks, chunk, codebook.shape[-1])
   starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
 
-  def step(best, xs):
-    rows, start = xs
+  def search_chunk(rows, start):
     positions = start + jnp.arange(chunk, dtype=jnp.int32)
     is_row = positions < vocab
     # A row with a NaN or inf entry (a broken token embedding) is put at
@@ -133,26 +134,31 @@ def top_w_candidates(
     rows = jnp.where(finite[:, None], rows, 0.0)
     dist = squared_distances(z, rows, jnp.logical_and(is_row, finite))
     chunk_dist, local = _block_top_w(dist, w, block)
-    found = jnp.where(is_row, positions, _NO_INDEX)[local]
-    # A two-key sort, not top_k by position: the empty slots of `best`
-    # (+inf, index 2**31 - 1) must lose to real rows whose distance
-    # overflowed to +inf.
-    merged = search.merge_candidates(
-      jnp.concatenate([best[0], chunk_dist], axis=-1),
-      jnp.concatenate([best[1], found], axis=-1),
-      w,
-    )
-    return merged, None
+    return chunk_dist, jnp.where(is_row, positions, _NO_INDEX)[local]
 
-  m = z.shape[0]
+  def step(best, xs):
+    chunk_dist, found = search_chunk(*xs)
+    # Every real index in `best` is below this chunk's, and both lists are
+    # in (distance, index) order, so top_k's lower-position-first rule
+    # among equal distances keeps that order without a two-key sort. The
+    # empty slots of `best` (+inf, index 2**31 - 1) must still come after
+    # this chunk's real rows, also those whose distance overflowed to +inf:
+    # the chunk's distances are capped at the largest finite float.
+    chunk_dist = jnp.minimum(chunk_dist, jnp.finfo(chunk_dist.dtype).max)
+    both_idx = jnp.concatenate([best[1], found], axis=-1)
+    neg_dist, pick = lax.top_k(
+      -jnp.concatenate([best[0], chunk_dist], axis=-1), w
+    )
+    return (-neg_dist, jnp.take_along_axis(both_idx, pick, axis=-1)), None
+
   empty = (
-    jnp.full((m, w), jnp.inf, z.dtype),
-    jnp.full((m, w), _NO_INDEX, jnp.int32),
+    jnp.full((z.shape[0], w), jnp.inf, z.dtype),
+    jnp.full((z.shape[0], w), _NO_INDEX, jnp.int32),
   )
   (distances, indices), _ = lax.scan(step, empty, (chunks, starts))
   real = indices != _NO_INDEX
   indices = jnp.where(real, indices + index_offset, _NO_INDEX)
-  return distances, indices.astype(jnp.int32)
+  return jnp.where(real, distances, jnp.inf), indices.astype(jnp.int32)
 
 
 def _block_top_w(
