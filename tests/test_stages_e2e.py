@@ -85,22 +85,20 @@ def test_job_runs_every_stage_and_resumes_after_a_stop(
   # steps (a compiled program refuses inputs of another type or layout
   # instead of compiling again).
   assert compiled == ["map", "align"]
-  terms = {
-    record["stage"]: set(record["train"])
+  trained = [
+    record
     for record in map(
       json.loads,
       (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines(),
     )
     if "train" in record
-  }
+  ]
+  terms = {record["stage"]: set(record["train"]) for record in trained}
   logged = {"loss", "bpr", "vq", "recon", "distinct_tokens", "grad_norm"}
   assert terms["map"] == logged
   assert terms["align"] == logged | {"align"}
-  for record in map(
-    json.loads,
-    (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines(),
-  ):
-    if "train" in record and record["stage"] in ("map", "align"):
+  for record in trained:
+    if record["stage"] in ("map", "align"):
       # An epoch's mean over batches of 3B entities with W words each.
       words = config.face.num_words
       batch = config[record["stage"]].batch_size
