@@ -59,7 +59,12 @@ from absl import logging
 from face_jax import descriptors, parallel
 from face_jax.data import Dataset
 from face_jax.data import cold_start as split_lib
-from face_jax.evaluation import RankingTask, prepare_ranking, rank_metrics
+from face_jax.evaluation import (
+  RankingTask,
+  descriptor_quality,
+  prepare_ranking,
+  rank_metrics,
+)
 from face_jax.models import face as face_lib
 from face_jax.models import quantizer
 from face_jax.training import face_stages
@@ -543,8 +548,8 @@ def run_cold_start(
     )
     # Heads that collapse to one output give every cold entity the same
     # words; these counts show how varied the descriptors are.
-    result[kind]["distinct_descriptor_sets"] = len(
-      np.unique(np.sort(cold_tokens, axis=1), axis=0)
+    result[kind]["distinct_descriptor_sets"] = descriptor_quality.distinct_sets(
+      cold_tokens
     )
     result[kind]["distinct_tokens"] = len(np.unique(cold_tokens))
     for entity, row, text in zip(

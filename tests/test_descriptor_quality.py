@@ -39,6 +39,14 @@ def test_perplexity_is_the_number_of_equally_used_tokens():
   assert empty == {"distinct_tokens": 0, "perplexity": 0.0, "most_used": []}
 
 
+def test_distinct_sets_ignore_word_order():
+  tokens = np.array([[0, 1, 2], [2, 0, 1], [0, 1, 3], [1, 0, 2]])
+  # Rows 0, 1 and 3 hold the same three words; row 2 differs in one.
+  assert descriptor_quality.distinct_sets(tokens) == 2
+  assert descriptor_quality.distinct_sets(np.tile([4, 3], (5, 1))) == 1
+  assert descriptor_quality.distinct_sets(np.zeros((0, 3), int)) == 0
+
+
 def test_stability_ignores_order_and_averages_over_entities():
   before = np.array([[0, 1, 2], [2, 3, 4]])
   after = np.array([[2, 0, 1], [2, 0, 1]])

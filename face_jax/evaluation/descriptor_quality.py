@@ -7,7 +7,8 @@ vocabulary indices, as `face_jax.descriptors.describe_all` returns them):
   perplexity of the token-usage distribution (exp of its entropy: the
   number of equally used tokens that would be as spread out; W * entities
   when no two words repeat, 1 when every word is the same token) and the
-  most used tokens with their counts;
+  most used tokens with their counts; how many different descriptor sets
+  the entities have;
 - stability: the share of an entity's words still among its words after a
   later stage (order ignored), averaged over the entities;
 - the shuffled floor of profile retrieval: every entity gets the
@@ -51,6 +52,18 @@ def codebook_usage(
     "perplexity": float(np.exp(entropy)),
     "most_used": [[words[index], int(counts[index])] for index in order],
   }
+
+
+def distinct_sets(tokens: np.ndarray) -> int:
+  """How many different descriptor sets [entities, W] indices hold.
+
+  Order is ignored (the same W words in another order are one set): 1
+  means every entity is described by the same words.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.shape[0] == 0:
+    return 0
+  return len(np.unique(np.sort(tokens, axis=1), axis=0))
 
 
 def stability(before: np.ndarray, after: np.ndarray) -> float:
