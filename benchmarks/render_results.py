@@ -35,6 +35,25 @@ _COLUMNS = {
     ("machine", "machine"),
   ),
 }
+_COLUMNS["collapse"] = (
+  ("implementation", "implementation"),
+  ("dataset", "dataset"),
+  ("model", "model"),
+  ("entities", "entities"),
+  ("codebook", "codebook"),
+  ("batch", "batch"),
+  ("steps", "steps"),
+  ("tokens at init", "init_tokens"),
+  ("sets at init", "init_sets"),
+  ("tokens per batch, by epoch", "batch_tokens"),
+  ("tokens after each epoch", "tokens"),
+  ("sets after each epoch", "sets"),
+  ("VQ first, last", "vq"),
+  ("recon last", "recon"),
+  ("s/step", "seconds_per_step"),
+  ("load", "load_average"),
+  ("date", "date"),
+)
 # What a stage's table shows, said under its heading.
 _NOTES = {
   "sharding": (
@@ -245,6 +264,16 @@ _NOTES.update(
     "alpharec: an MLP from the profile embedding to the CF embedding; text: "
     "cosine of the user's and item's profile embeddings; random: the exact "
     "expectation of a random ranking.",
+    "collapse": "The map stage's FACE terms (VQ + reconstruction, Adam, "
+    "dropout on) trained by face_jax and by the authors' own module "
+    "(their encoder/FACE.py, run unchanged under PyTorch) on the same "
+    "inputs: the fixed final CF embeddings of a pretrained backbone, the "
+    "same codebook rows and the same batches "
+    "(`benchmarks/bench_collapse.py`). Tokens and sets: distinct tokens "
+    "and distinct descriptor sets among all users and items (dropout "
+    "off); tokens per batch: the mean over an epoch's training batches "
+    "of the distinct tokens of a batch's descriptors (W = 16 is one "
+    "shared set). The two modules start from different random draws.",
     "face_step": "Median wall time of one jitted train step after a compiling "
     "warm-up; GFLOP as XLA counts the step; GFLOP/s achieved beside a "
     "float32 4096 x 4096 matmul measured in the same process.",
