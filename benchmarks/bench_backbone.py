@@ -11,21 +11,15 @@ appends one JSON object to benchmarks/results.jsonl. Render the table with
 
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
-import json
 import os
 import pathlib
-import platform
-import resource
-import shlex
-import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
-from absl import app, flags, logging
+import records
+from absl import app, flags
 from ml_collections import config_flags
 
 import configs
@@ -59,14 +53,6 @@ _WORKDIR = flags.DEFINE_string(
 _RESULTS = flags.DEFINE_string(
   "results", str(_HERE / "results.jsonl"), "JSONL file to append to."
 )
-
-
-def _machine() -> str:
-  device = jax.devices()[0]
-  return (
-    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
-  )
 
 
 def _time_test_eval(config, dataset, stage_dir, repeats):
@@ -123,18 +109,14 @@ def main(argv):
     "early_stopped": result["epochs"] < config.pretrain.max_epochs,
     "seconds_per_epoch": result["seconds_per_epoch"],
     "eval_seconds": eval_seconds,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": records.peak_rss_mb(),
     "load_average": [round(value, 2) for value in load_before],
-    "command": shlex.join([sys.executable, *sys.argv]),
-    "machine": _machine(),
+    "command": records.command(),
+    "machine": records.machine(),
     "version": importlib.metadata.version("face_jax"),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
+    "date": records.utc_now(),
   }
-  with open(_RESULTS.value, "a", encoding="utf-8") as stream:
-    stream.write(json.dumps(record) + "\n")
-  logging.info("Appended to %s: %s", _RESULTS.value, record)
+  records.append(_RESULTS.value, [record])
 
 
 if __name__ == "__main__":

@@ -24,18 +24,12 @@ stages' own results ("stages"). Render the tables with
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import os
 import pathlib
-import platform
-import resource
-import shlex
-import sys
 import time
 
-import jax
-from absl import app, flags, logging
+import records
+from absl import app, flags
 from ml_collections import config_flags
 
 import configs
@@ -71,14 +65,6 @@ _SHORTCUT_FIELDS = (
   ("descriptors", "max_entities"),
 )
 _STAGE_FIELDS = ("epochs", "best_epoch", "seconds_per_epoch")
-
-
-def _machine() -> str:
-  device = jax.devices()[0]
-  return (
-    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
-  )
 
 
 def _timed(stage: train.Stage, seconds: dict) -> train.Stage:
@@ -173,22 +159,15 @@ def main(argv):
     "finished_before": resumed,
     "stage_seconds": seconds,
     "process_seconds": round(time.perf_counter() - _PROCESS_START, 1),
-    "peak_rss_mb": round(
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-    ),
+    "peak_rss_mb": round(records.peak_rss_mb(), 1),
     "load_average": [round(value, 2) for value in load_before]
     + [round(os.getloadavg()[0], 2)],
     "workdir": str(workdir),
-    "command": shlex.join([sys.executable, *sys.argv]),
-    "machine": _machine(),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
+    "command": records.command(),
+    "machine": records.machine(),
+    "date": records.utc_now(),
   }
-  with open(_RESULTS.value, "a", encoding="utf-8") as stream:
-    for record in rows(config, results, common):
-      stream.write(json.dumps(record) + "\n")
-      logging.info("Appended to %s: %s", _RESULTS.value, record)
+  records.append(_RESULTS.value, rows(config, results, common))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,9 @@ config that keeps the default "flat".
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import pathlib
-import platform
 import shlex
 import subprocess
 import sys
@@ -43,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import records
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -287,21 +286,10 @@ def _row(config, implementation: str, history: dict, arrays, load) -> dict:
     "recon": round(epochs[-1]["recon"], 4),
     "seconds_per_step": round(history["seconds_per_step"], 3),
     "load_average": [round(value, 2) for value in load],
-    "command": shlex.join([sys.executable, *sys.argv]),
-    "machine": (
-      f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-      f"CPUs, jax {jax.__version__}"
-    ),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
+    "command": records.command(),
+    "machine": records.machine(),
+    "date": records.utc_now(),
   }
-
-
-def _append(row: dict) -> None:
-  with open(_RESULTS.value, "a", encoding="utf-8") as stream:
-    stream.write(json.dumps(row) + "\n")
-  logging.info("Appended to %s: %s", _RESULTS.value, row)
 
 
 def main(argv):
@@ -323,11 +311,13 @@ def main(argv):
   arrays = inputs["arrays"]
   # Each row is written as soon as it is measured: a failing reference run
   # keeps face_jax's.
-  _append(_row(config, "face_jax", run_face_jax(config, inputs), arrays, load))
+  ours = run_face_jax(config, inputs)
+  records.append(_RESULTS.value, [_row(config, "face_jax", ours, arrays, load)])
   if _REFERENCE_FACE_PY.value:
     load = os.getloadavg()
     history = run_reference(arrays, config)
-    _append(_row(config, "authors (PyTorch)", history, arrays, load))
+    row = _row(config, "authors (PyTorch)", history, arrays, load)
+    records.append(_RESULTS.value, [row])
 
 
 if __name__ == "__main__":

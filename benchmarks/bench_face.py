@@ -39,21 +39,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
-import json
 import os
 import pathlib
-import platform
-import resource
-import shlex
-import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+import records
+from absl import app, flags
 from ml_collections import config_flags
 
 import configs
@@ -94,38 +89,18 @@ _RESULTS = flags.DEFINE_string(
 )
 
 
-def _machine() -> str:
-  device = jax.devices()[0]
-  return (
-    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
-  )
-
-
-def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _common(config, load_before) -> dict:
   return {
     "dataset": config.data.name,
     "model": config.model.backbone,
     "llm": config.llm.model,
-    "peak_rss_mb": round(_peak_rss_mb(), 1),
+    "peak_rss_mb": round(records.peak_rss_mb(), 1),
     "load_average": [round(value, 2) for value in load_before]
     + [round(os.getloadavg()[0], 2)],
-    "command": shlex.join([sys.executable, *sys.argv]),
-    "machine": _machine(),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
+    "command": records.command(),
+    "machine": records.machine(),
+    "date": records.utc_now(),
   }
-
-
-def _append(record: dict) -> None:
-  with open(_RESULTS.value, "a", encoding="utf-8") as stream:
-    stream.write(json.dumps(record) + "\n")
-  logging.info("Appended to %s: %s", _RESULTS.value, record)
 
 
 def matmul_peak_gflops(size: int = 4096, runs: int = 5) -> float:
@@ -334,10 +309,10 @@ def main(argv):
   config = train.resolve_config(_CONFIG.value)
   dataset = data.load_dataset(config.data)
   if _MEASURE.value == "step":
-    _append(measure_step(config, dataset, load_before))
+    records.append(_RESULTS.value, [measure_step(config, dataset, load_before)])
   else:
     for record in measure_job(config, dataset, load_before):
-      _append(record)
+      records.append(_RESULTS.value, [record])
 
 
 if __name__ == "__main__":
