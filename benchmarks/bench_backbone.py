@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import numpy as np
-import records
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,6 +25,8 @@ import configs
 from face_jax import data, train
 from face_jax.evaluation import prepare_ranking
 from face_jax.training import pretrain, writer
+
+import records
 
 _HERE = pathlib.Path(__file__).resolve().parent
 

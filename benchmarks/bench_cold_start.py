@@ -28,13 +28,14 @@ import os
 import pathlib
 import time
 
-import records
 from absl import app, flags
 from ml_collections import config_flags
 
 import configs
 from face_jax import cold_start, data, train
 from face_jax.training import checkpoints, writer
+
+import records
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _PROCESS_START = time.perf_counter()

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import records
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -49,6 +48,8 @@ import configs
 from face_jax import data, descriptors, train
 from face_jax.evaluation import descriptor_quality
 from face_jax.training import checkpoints, face_stages, optimizers, pretrain
+
+import records
 
 _HERE = pathlib.Path(__file__).resolve().parent
 

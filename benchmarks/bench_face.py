@@ -47,7 +47,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import records
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -56,6 +55,8 @@ from face_jax import data, train
 from face_jax.llm import vocab as vocab_lib
 from face_jax.training import face_stages, writer
 from face_jax.training.step import make_train_step
+
+import records
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _PROCESS_START = time.perf_counter()
