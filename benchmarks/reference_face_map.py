@@ -134,16 +134,13 @@ def main() -> None:
   step_seconds = []
   for epoch in range(1, s["epochs"] + 1):
     batch_tokens, vq, recon = [], [], []
-    user_ids = arrays[f"epoch{epoch}_user"]
+    # An npz file reads an array again at every lookup: once per epoch.
+    user_ids, pos_ids, neg_ids = (
+      arrays[f"epoch{epoch}_{name}"] for name in ("user", "pos", "neg")
+    )
     for j in range(len(user_ids)):
       start = time.perf_counter()
-      x = torch.cat(
-        [
-          users[user_ids[j]],
-          items[arrays[f"epoch{epoch}_pos"][j]],
-          items[arrays[f"epoch{epoch}_neg"][j]],
-        ]
-      )
+      x = torch.cat([users[user_ids[j]], items[pos_ids[j]], items[neg_ids[j]]])
       _, vq_loss, recon_loss, _ = model(x, "map")
       loss = s["vq_weight"] * vq_loss + s["recon_weight"] * recon_loss
       optimizer.zero_grad()
