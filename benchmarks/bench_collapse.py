@@ -206,8 +206,10 @@ def run_face_jax(config, inputs: dict) -> dict:
       epoch,
       census(history["epochs"][-1]["descriptors"]),
     )
-  # The first step compiles.
-  history["seconds_per_step"] = float(np.median(step_seconds[1:]))
+  # The first step compiles (when there are others to time).
+  history["seconds_per_step"] = float(
+    np.median(step_seconds[1:] or step_seconds)
+  )
   history["steps"] = len(step_seconds)
   return history
 
@@ -260,7 +262,14 @@ def run_reference(arrays: dict, config) -> dict:
     logging.info("Running the authors' module: %s", shlex.join(command))
     # Their module writes its vocabulary under ./data/vocabulary; the
     # scratch directory keeps that out of the caller's tree.
-    subprocess.run(command, check=True, cwd=scratch)
+    finished = subprocess.run(command, check=False, cwd=scratch)
+    if finished.returncode:
+      # Its own output above says why; face_jax's row is already written.
+      raise SystemExit(
+        f"The authors' module stopped with exit status "
+        f"{finished.returncode} (negative: killed by that signal, e.g. -9 "
+        "when out of memory); no row was written for it."
+      )
     return json.loads((scratch / "history.json").read_text())
 
 
